@@ -1,0 +1,30 @@
+"""bnkit: a Batch Normalization toolkit for PyTorch.
+
+A from-scratch, drop-in BatchNorm (``BatchNorm1d/2d/3d``, ``functional``) and tools for
+the ways BatchNorm goes wrong in practice.
+"""
+
+from bnkit.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    functional,
+)
+from bnkit.tools.convert import convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "__version__",
+    "convert",
+    "functional",
+]

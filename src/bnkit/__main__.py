@@ -1,0 +1,5 @@
+import sys
+
+from bnkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,511 @@
+"""The math of Batch Normalization, in one place.
+
+Everything in bnkit that computes a batch mean or variance, normalizes, differentiates a
+normalization or updates running statistics goes through this module: the layers, the
+frozen and synchronised variants and the tools all call it, none re-derives the formulas.
+
+Conventions (torch 2.13, see ``SEMANTICS.md``):
+
+* statistics are reduced over every dimension except dim 1 (channels), ``n = numel / C``;
+* training normalizes with the *biased* variance and feeds the *unbiased* one
+  (``var * n / (n - 1)``) into the running estimate;
+* ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or, when
+  ``momentum is None``, ``f = 1 / num_batches_tracked`` (a cumulative average).
+
+Numerics. Batch statistics use a shifted two-pass scheme: a first mean ``m0``, then the
+centred values ``d = x - m0`` (exact in floating point when ``x`` is near ``m0``), then
+``mean = m0 + sum(d) / n`` and ``var = sum(d^2) / n - (sum(d) / n)^2``, the correction
+term being tiny. Sums are taken over contiguous runs in the input dtype (torch's cascade
+summation) and the per-run partial sums are added in float64, so a channel with mean 1e4
+and std 1 in float32 keeps about seven significant digits of its variance. The output is
+computed from ``d`` as ``d * scale + shift`` so that the large mean never enters the
+rounding of the output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "batch_norm_stateless",
+    "batch_stats",
+    "check_eps",
+    "check_momentum",
+    "check_batch_size",
+    "normalize_eval",
+    "normalize_train",
+    "update_running_stats",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Blocks of rows summed in the input dtype before the partial sums go to float64.
+_ROW_BLOCK = 32
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_eps(eps: float, training: bool, where: str = "batch_norm") -> None:
+    """Raise ``ValueError`` unless eps > 0 (training) or eps >= 0 (eval), as torch does."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or math.isnan(eps):
+        raise ValueError(f"{where}: eps must be a number, got {eps!r}")
+    if training and eps <= 0.0:
+        raise ValueError(f"{where}: eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"{where}: eps must be non-negative, but got {eps}")
+
+
+def check_momentum(momentum: float | None, where: str = "batch_norm") -> None:
+    """Raise ``ValueError`` unless momentum is None or a number in [0, 1]."""
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise ValueError(f"{where}: momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"{where}: momentum must be in [0, 1] (torch convention: weight of the new "
+            f"batch), got {momentum}; a Keras momentum m corresponds to 1 - m here"
+        )
+
+
+def check_batch_size(size: torch.Size, where: str = "") -> None:
+    """torch's ``_verify_batch_size``: training needs more than one value per channel."""
+    if where == "batch_norm":
+        where = ""
+    n = size[0]
+    for s in size[2:]:
+        n *= s
+    if n == 1:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(
+            f"{prefix}Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def _check_input(x: Tensor, where: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{where}: expected a floating-point input (float16/bfloat16/float32/float64), "
+            f"got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{where}: expected an input of shape (N, C, *) with at least 2 dims, "
+            f"got {x.dim()}D input of shape {tuple(x.shape)}"
+        )
+
+
+def _check_per_channel(t: Tensor | None, name: str, x: Tensor, where: str) -> None:
+    if t is None:
+        return
+    c = x.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise RuntimeError(
+            f"{where}: {name} should contain {c} elements (one per channel of the input "
+            f"{tuple(x.shape)}), not {t.numel()} (shape {tuple(t.shape)})"
+        )
+    if t.is_floating_point():
+        ok = t.dtype == x.dtype or (x.dtype in _LOW_PRECISION and t.dtype == torch.float32)
+        if not ok:
+            raise TypeError(
+                f"{where}: {name} has dtype {t.dtype} but the input is {x.dtype}; expected "
+                f"{x.dtype} (or float32 for half/bfloat16 input): convert the module with "
+                f".to({x.dtype}) or the input with .to({t.dtype})"
+            )
+
+
+# ---------------------------------------------------------------------- reductions
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    # MPS has no float64; everything else accumulates partial sums in float64.
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _rows(t: Tensor) -> tuple[Tensor, bool]:
+    """A copy-free view of ``t`` with the channel dim either in the middle or last.
+
+    Returns ``(v, channels_last)``: ``v`` is (N, C, L) for contiguous input, or (R, C) when
+    the channel dim is the fastest-moving one (channels_last, or 2D input).
+    """
+    c = t.shape[1]
+    if t.dim() == 2:
+        return t, True
+    if t.is_contiguous():
+        return t.reshape(t.shape[0], c, -1), False
+    perm = t.permute(0, *range(2, t.dim()), 1)
+    if perm.is_contiguous():
+        return perm.reshape(-1, c), True
+    return t.contiguous().reshape(t.shape[0], c, -1), False
+
+
+def _channel_sum(t: Tensor, other: Tensor | None = None) -> Tensor:
+    """Per-channel sum of ``t`` (or of ``t * other``), partial sums added in float64."""
+    acc = _acc_dtype(t)
+    v, last = _rows(t)
+    w = None if other is None else _rows(other.expand_as(t))[0]
+    prod = v if w is None else v * w
+    if not last:
+        # (N, C, L): the inner run is contiguous, summed with torch's cascade summation.
+        return prod.sum(-1).sum(0, dtype=acc)
+    rows, c = prod.shape
+    q = rows // _ROW_BLOCK
+    total = prod[: q * _ROW_BLOCK].reshape(q, _ROW_BLOCK, c).sum(1).sum(0, dtype=acc)
+    if rows > q * _ROW_BLOCK:
+        total = total + prod[q * _ROW_BLOCK :].sum(0, dtype=acc)
+    return total
+
+
+class _Stats(NamedTuple):
+    """Batch statistics in the accumulation dtype, plus the shift used to compute them."""
+
+    shift: Tensor  # (C,) in the compute dtype: x - shift is formed exactly
+    mean_lo: Tensor  # (C,) acc dtype: mean = shift + mean_lo
+    var: Tensor  # (C,) acc dtype, biased
+    n: int
+
+
+def _batch_stats(xc: Tensor) -> tuple[_Stats, Tensor]:
+    """Statistics of ``xc`` (compute dtype) and the centred tensor ``xc - shift``."""
+    c = xc.shape[1]
+    n = xc.numel() // c
+    shape = _channel_shape(xc)
+    shift = (_channel_sum(xc) / n).to(xc.dtype)
+    d = xc - shift.view(shape)
+    s1 = _channel_sum(d) / n
+    s2 = _channel_sum(d, d) / n
+    var = (s2 - s1 * s1).clamp_min(0.0)
+    return _Stats(shift, s1, var, n), d
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, *), in float32 or better.
+
+    Computed with the same stable scheme the layers use; returned in the input's compute
+    dtype (float32 for half/bfloat16 input).
+    """
+    _check_input(x, "batch_stats")
+    if x.numel() == 0:
+        raise ValueError(f"batch_stats: the input {tuple(x.shape)} holds no values")
+    xc = x.to(_compute_dtype(x))
+    with torch.no_grad():
+        st, _ = _batch_stats(xc)
+    return (st.shift.to(st.mean_lo.dtype) + st.mean_lo).to(xc.dtype), st.var.to(xc.dtype)
+
+
+# ----------------------------------------------------------------- training forward
+
+
+def _train_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form gradient of the training-mode normalization.
+
+    With ``xhat = (x - mean) * invstd`` and ``g = grad_out * weight`` over the ``n`` values
+    of a channel: ``dx = invstd / n * (n g - sum(g) - xhat sum(g xhat))``,
+    ``dweight = sum(grad_out xhat)``, ``dbias = sum(grad_out)``. Written with ordinary
+    differentiable ops, so that calling it with ``mean``/``invstd`` that depend on ``x``
+    gives the exact second derivative.
+    """
+    shape = _channel_shape(x)
+    cdt = _compute_dtype(x)
+    go = grad_out.to(cdt)
+    xc = x.to(cdt)
+    n = x.numel() // x.shape[1]
+    shift = mean.to(cdt)
+    d = xc - shift.view(shape)
+    lo = mean - shift.to(mean.dtype)  # what the compute-dtype shift missed
+    sum_go = _channel_sum(go)
+    sum_go_d = _channel_sum(go, d)
+    sum_go_xhat = (sum_go_d - lo * sum_go) * invstd
+    gx = gw = gb = None
+    if needs[0]:
+        a = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        k_d = -a * invstd * sum_go_xhat / n  # coefficient of (x - shift)
+        k_0 = -a * sum_go / n - k_d * lo  # constant per channel
+        gx = go * a.to(cdt).view(shape) + d * k_d.to(cdt).view(shape) + k_0.to(cdt).view(shape)
+        gx = gx.to(x.dtype)
+    if needs[1] and weight is not None:
+        gw = sum_go_xhat.to(weight.dtype)
+    if needs[2]:
+        gb = sum_go.to(weight.dtype if weight is not None else cdt)
+    return gx, gw, gb
+
+
+def _invstd(var: Tensor, eps: float) -> Tensor:
+    return torch.rsqrt(var + eps)
+
+
+class _TrainNorm(torch.autograd.Function):
+    """Training-mode normalization with batch statistics and a hand-derived backward.
+
+    Outputs ``(y, mean, var)``; ``mean`` (acc dtype) and ``var`` (biased, acc dtype) are
+    not differentiable. Saves ``x``, ``weight``, ``mean`` and ``invstd`` for backward,
+    as torch's native kernel does.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _train_forward(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, _bias, eps = inputs
+        _y, mean, var = output
+        ctx.eps = eps
+        ctx.has_bias = _bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, mean, var)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
+        x, weight, mean, var = ctx.saved_tensors
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2] and ctx.has_bias,
+        )
+        if torch.is_grad_enabled():
+            # Double backward: the statistics depend on x, so recompute them
+            # differentiably and let autograd differentiate the closed form.
+            xc = x.to(_compute_dtype(x))
+            dims = [0, *range(2, x.dim())]
+            mean = xc.mean(dims).to(var.dtype)
+            var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
+        gx, gw, gb = _train_backward(grad_out, x, weight, mean, _invstd(var, ctx.eps), needs)
+        return gx, gw, gb, None
+
+
+def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
+    return scale, shift
+
+
+def _train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    cdt = _compute_dtype(x)
+    acc = _acc_dtype(x)
+    st, d = _batch_stats(x.to(cdt))
+    invstd = _invstd(st.var, eps)
+    scale, shift = _affine(weight, bias, invstd)
+    shift = shift - st.mean_lo * scale
+    shape = _channel_shape(x)
+    y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
+    mean = st.shift.to(acc) + st.mean_lo
+    return y.to(x.dtype), mean, st.var
+
+
+def normalize_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize with batch statistics; returns ``(y, mean, biased_var)``.
+
+    ``y`` is differentiable (closed-form backward, itself differentiable); ``mean`` and
+    ``biased_var`` are detached per-channel statistics in float64 (float32 on MPS).
+    """
+    if x.numel() == 0:
+        # Keep the empty output connected to the graph, as torch does.
+        y = x.to(_compute_dtype(x))
+        if weight is not None:
+            y = y * weight.to(y.dtype).view(_channel_shape(x))
+        if bias is not None:
+            y = y + bias.to(y.dtype).view(_channel_shape(x))
+        empty = torch.zeros(x.shape[1], dtype=_acc_dtype(x), device=x.device)
+        return y.to(x.dtype), empty, empty.clone()
+    y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
+    return y, mean, var
+
+
+def normalize_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Normalize with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Differentiable in ``x``, ``weight`` and ``bias`` (and in the statistics, should they
+    require grad); the backward is ``grad * weight / sqrt(var + eps)``.
+    """
+    cdt = _compute_dtype(x)
+    shape = _channel_shape(x)
+    acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
+    invstd = _invstd(running_var.to(acc), eps)
+    scale, shift = _affine(weight, bias, invstd)
+    d = x.to(cdt) - running_mean.to(cdt).view(shape)
+    y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------- running statistics
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    n: int,
+    factor: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """New running statistics: ``(1 - f) * old + f * batch``, with unbiased batch variance.
+
+    ``var`` is the biased batch variance over ``n`` values per channel; the running
+    variance receives ``var * n / (n - 1)``. Computed in float64 (as torch's CPU kernel
+    does) and returned in the dtype of the running buffers. Pure: nothing is mutated.
+    """
+    acc = mean.dtype
+    unbiased = var * (n / (n - 1)) if n > 1 else var
+    f = factor.to(acc) if isinstance(factor, Tensor) else factor
+    new_mean = running_mean.to(acc) * (1 - f) + mean * f
+    new_var = running_var.to(acc) * (1 - f) + unbiased * f
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.batch_norm`, written from scratch.
+
+    In training mode, normalizes with batch statistics and, where ``running_mean`` /
+    ``running_var`` are given, updates them in place with ``momentum``. In eval mode,
+    normalizes with ``running_mean`` / ``running_var``, which must be given.
+    """
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, "batch_norm"
+    )
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    where: str,
+) -> Tensor:
+    _check_input(input, where)
+    if training:
+        check_batch_size(input.size(), where)
+    check_eps(eps, training, where)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_per_channel(t, name, input, where)
+    _check_per_channel(weight, "weight", input, where)
+    _check_per_channel(bias, "bias", input, where)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                f"{where}: running_mean and running_var must be given in eval mode "
+                "(training=False); pass training=True to normalize with batch statistics"
+            )
+        return normalize_eval(input, running_mean, running_var, weight, bias, eps)
+    y, mean, var = normalize_train(input, weight, bias, eps)
+    if input.numel() > 0 and (running_mean is not None or running_var is not None):
+        n = input.numel() // input.shape[1]
+        with torch.no_grad():
+            rm = running_mean if running_mean is not None else mean
+            rv = running_var if running_var is not None else var
+            new_mean, new_var = update_running_stats(rm, rv, mean, var, n, momentum)
+            if running_mean is not None:
+                running_mean.copy_(new_mean)
+            if running_var is not None:
+                running_var.copy_(new_var)
+    return y
+
+
+class BatchNormState(NamedTuple):
+    """What :func:`batch_norm_stateless` returns: the output and the new state."""
+
+    output: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+
+def batch_norm_stateless(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> BatchNormState:
+    """Pure BatchNorm: returns the output and the new running statistics, mutates nothing.
+
+    Same semantics as the modules (``momentum=None`` is the cumulative average and needs
+    ``num_batches_tracked``, which the result returns incremented in training mode).
+    Usable under :func:`torch.func.vmap`, :func:`torch.func.grad` and
+    ``torch.compile(fullgraph=True)``.
+    """
+    where = "batch_norm_stateless"
+    _check_input(input, where)
+    check_eps(eps, training, where)
+    check_momentum(momentum, where)
+    if training:
+        check_batch_size(input.size(), where)
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{where}: momentum=None (cumulative average) needs num_batches_tracked")
+    use_batch = training or (running_mean is None and running_var is None)
+    if not use_batch:
+        assert running_mean is not None and running_var is not None
+        y = normalize_eval(input, running_mean, running_var, weight, bias, eps)
+        return BatchNormState(y, running_mean, running_var, num_batches_tracked)
+    y, mean, var = normalize_train(input, weight, bias, eps)
+    new_count = num_batches_tracked
+    if training and num_batches_tracked is not None:
+        new_count = num_batches_tracked + 1
+    new_mean, new_var = running_mean, running_var
+    if training and running_mean is not None and running_var is not None and input.numel() > 0:
+        n = input.numel() // input.shape[1]
+        if momentum is None:
+            assert new_count is not None
+            factor: float | Tensor = 1.0 / new_count.to(mean.dtype)
+        else:
+            factor = momentum
+        new_mean, new_var = update_running_stats(
+            running_mean, running_var, mean.detach(), var.detach(), n, factor
+        )
+    return BatchNormState(y, new_mean, new_var, new_count)

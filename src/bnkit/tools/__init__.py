@@ -1,0 +1,1 @@
+"""What a user runs on a model or a checkpoint."""
