@@ -138,29 +138,34 @@ def _channel_shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
 
 
-def _rows(t: Tensor) -> tuple[Tensor, bool]:
-    """A copy-free view of ``t`` with the channel dim either in the middle or last.
-
-    Returns ``(v, channels_last)``: ``v`` is (N, C, L) for contiguous input, or (R, C) when
-    the channel dim is the fastest-moving one (channels_last, or 2D input).
-    """
-    c = t.shape[1]
+def _channels_fastest(t: Tensor) -> bool:
+    """Whether the channel dim moves fastest in memory (channels_last, or 2D input)."""
     if t.dim() == 2:
-        return t, True
+        return True
     if t.is_contiguous():
-        return t.reshape(t.shape[0], c, -1), False
-    perm = t.permute(0, *range(2, t.dim()), 1)
-    if perm.is_contiguous():
-        return perm.reshape(-1, c), True
-    return t.contiguous().reshape(t.shape[0], c, -1), False
+        return False
+    return t.permute(0, *range(2, t.dim()), 1).is_contiguous()
+
+
+def _rows(t: Tensor, channels_fastest: bool) -> Tensor:
+    """A view of ``t`` as (R, C) (channels fastest) or (N, C, L); copies only if needed."""
+    c = t.shape[1]
+    if channels_fastest:
+        return t.permute(0, *range(2, t.dim()), 1).reshape(-1, c)
+    return t.reshape(t.shape[0], c, -1)
 
 
 def _channel_sum(t: Tensor, other: Tensor | None = None) -> Tensor:
-    """Per-channel sum of ``t`` (or of ``t * other``), partial sums added in float64."""
+    """Per-channel sum of ``t`` (or of ``t * other``), partial sums added in float64.
+
+    Runs of values that are contiguous in memory are summed in the input dtype (torch's
+    cascade summation keeps their error at O(eps log n)); the partial sums are added in
+    float64. Both tensors are read in ``t``'s memory order.
+    """
     acc = _acc_dtype(t)
-    v, last = _rows(t)
-    w = None if other is None else _rows(other.expand_as(t))[0]
-    prod = v if w is None else v * w
+    last = _channels_fastest(t)
+    v = _rows(t, last)
+    prod = v if other is None else v * _rows(other.expand_as(t), last)
     if not last:
         # (N, C, L): the inner run is contiguous, summed with torch's cascade summation.
         return prod.sum(-1).sum(0, dtype=acc)
