@@ -13,7 +13,10 @@ from bnkit.nn import (
     LazyBatchNorm3d,
     functional,
 )
+from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnkit.tools.convert import convert
+from bnkit.tools.freeze import StatsGuard, freeze, frozen_layers, no_stats_update, unfreeze
+from bnkit.tools.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 
@@ -21,10 +24,19 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "__version__",
+    "StatsGuard",
     "convert",
+    "freeze",
+    "frozen_layers",
     "functional",
+    "no_stats_update",
+    "recalibrate",
+    "unfreeze",
 ]

@@ -275,3 +275,19 @@ def test_lazy_modules_materialize(lazy, eager, tlazy, shape) -> None:
     torch.testing.assert_close(m(x), t(x))
     assert type(m) is eager and m.num_features == 5
     torch.testing.assert_close(m.running_var, t.running_var)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_torch_cudnn() -> None:
+    t = torch.nn.BatchNorm2d(3).cuda()
+    b = bnkit.BatchNorm2d(3).cuda()
+    x = random_input((4, 3, 5, 5)).cuda().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    yt, yb = t(x), b(x2)
+    torch.testing.assert_close(yb, yt, atol=1e-5, rtol=1e-5)
+    yt.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.running_var, t.running_var)
+    b.eval(), t.eval()
+    torch.testing.assert_close(b(x2), t(x), atol=1e-5, rtol=1e-5)

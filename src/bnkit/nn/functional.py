@@ -35,6 +35,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_stateless",
     "batch_stats",
+    "merge_stats",
     "check_eps",
     "check_momentum",
     "check_batch_size",
@@ -200,18 +201,43 @@ def _batch_stats(xc: Tensor) -> tuple[_Stats, Tensor]:
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, *), in float32 or better.
+    """Per-channel mean and biased variance of ``x`` (N, C, *), without gradients.
 
-    Computed with the same stable scheme the layers use; returned in the input's compute
-    dtype (float32 for half/bfloat16 input).
+    Computed with the same stable scheme the layers use and returned in the accumulation
+    dtype (float64; float32 on MPS), ready to be merged across batches with
+    :func:`merge_stats`.
     """
     _check_input(x, "batch_stats")
     if x.numel() == 0:
         raise ValueError(f"batch_stats: the input {tuple(x.shape)} holds no values")
-    xc = x.to(_compute_dtype(x))
     with torch.no_grad():
-        st, _ = _batch_stats(xc)
-    return (st.shift.to(st.mean_lo.dtype) + st.mean_lo).to(xc.dtype), st.var.to(xc.dtype)
+        st, _ = _batch_stats(x.to(_compute_dtype(x)))
+    return st.shift.to(st.mean_lo.dtype) + st.mean_lo, st.var
+
+
+def merge_stats(
+    count_a: int | Tensor,
+    mean_a: Tensor,
+    var_a: Tensor,
+    count_b: int | Tensor,
+    mean_b: Tensor,
+    var_b: Tensor,
+) -> tuple[int | Tensor, Tensor, Tensor]:
+    """Chan et al.'s pairwise merge of (count, mean, biased variance) summaries.
+
+    The result is exactly the count, mean and biased variance of the union of the two
+    sets of values, whatever their sizes (an empty side is a no-op), without forming
+    ``E[x^2] - E[x]^2`` from raw sums.
+    """
+    count = count_a + count_b
+    if isinstance(count, int) and count == 0:
+        return count, mean_a, var_a
+    wa = count_a / count if not isinstance(count, Tensor) else count_a / count.clamp_min(1)
+    wb = count_b / count if not isinstance(count, Tensor) else count_b / count.clamp_min(1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * wb
+    var = var_a * wa + var_b * wb + delta * delta * wa * wb
+    return count, mean, var
 
 
 # ----------------------------------------------------------------- training forward

@@ -8,12 +8,14 @@ model computes the same function.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import bnkit.nn.batchnorm as bnb
+from bnkit.nn import frozen as bnf
 
 __all__ = ["convert", "batchnorm_rank", "is_batchnorm", "TARGETS"]
 
@@ -77,9 +79,29 @@ def _to_torch(m: nn.Module) -> nn.Module | None:
     return None
 
 
+_FROZEN = (bnf.FrozenBatchNorm1d, bnf.FrozenBatchNorm2d, bnf.FrozenBatchNorm3d)
+
+
+def _to_frozen(m: nn.Module) -> nn.Module | None:
+    if type(m) in _TORCH_BN or type(m) in _BNKIT_BN:
+        if m.running_mean is None:
+            warnings.warn(
+                f"convert(to='frozen'): {m} has no running statistics "
+                "(track_running_stats=False); left as it is",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+        frozen = _FROZEN[batchnorm_rank(m) - 1].from_batchnorm(m)
+        frozen.train(m.training)
+        return frozen
+    return None
+
+
 TARGETS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
     "bnkit": _to_bnkit,
     "torch": _to_torch,
+    "frozen": _to_frozen,
 }
 
 
@@ -100,7 +122,9 @@ def convert(model: nn.Module, to: str = "bnkit") -> nn.Module:
     Args:
         model: any module; children are replaced in place, and the (possibly new) root
             is returned, so use ``model = bnkit.convert(model, ...)``.
-        to: ``"bnkit"`` (torch's BatchNorm -> bnkit's) or ``"torch"`` (back).
+        to: ``"bnkit"`` (torch's BatchNorm -> bnkit's), ``"torch"`` (back), or
+            ``"frozen"`` (either -> :class:`~bnkit.FrozenBatchNorm2d` etc.; a layer
+            without running statistics is left as it is, with a warning).
 
     Returns:
         The converted model. Its outputs equal the original's up to float rounding.
