@@ -1,0 +1,18 @@
+"""One module per experiment. Each exposes ``NAME``, ``TITLE`` and ``run(ctx) -> Section``."""
+
+from __future__ import annotations
+
+from bnkit.lab.experiments import (
+    batch_size,
+    conformance,
+    cost,
+    freezing,
+    running_stats,
+    scratch_vs_builtin,
+    with_without,
+)
+
+ALL = [with_without, scratch_vs_builtin, running_stats, freezing, batch_size, conformance, cost]
+NAMES = [m.NAME for m in ALL]
+
+__all__ = ["ALL", "NAMES"]

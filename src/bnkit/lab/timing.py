@@ -1,0 +1,148 @@
+"""Side-by-side timing of bnkit's BatchNorm and torch's, used by benchmarks/ and the report.
+
+For every shape and memory format: training forward, training forward+backward and eval
+forward, through the public modules (autograd and output allocation included), median
+time after warm-up, ratio bnkit/torch (< 1 means bnkit is faster), effective bandwidth
+against the minimal traffic, and max abs error vs a float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bnkit.tools.convert import convert
+
+__all__ = ["SHAPES", "QUICK_SHAPES", "compare", "median_time", "print_table"]
+
+SHAPES: list[tuple[int, ...]] = [
+    (32, 64, 56, 56),
+    (128, 64, 32, 32),
+    (256, 256, 14, 14),
+    (64, 512, 7, 7),
+    (4096, 1024),
+]
+QUICK_SHAPES: list[tuple[int, ...]] = [(8, 64, 28, 28), (64, 512, 7, 7), (1024, 256)]
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:
+    c = shape[1]
+    t = torch.nn.BatchNorm2d(c) if len(shape) == 4 else torch.nn.BatchNorm1d(c)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.uniform_(-1, 1)
+    seq: Any = convert(torch.nn.Sequential(t), to="bnkit")
+    return t, seq[0]
+
+
+def _reference(x: torch.Tensor, m: Any) -> torch.Tensor:
+    xd = x.double()
+    dims = [0, *range(2, x.dim())]
+    shp = [1, -1] + [1] * (x.dim() - 2)
+    mean = xd.mean(dims, keepdim=True)
+    var = ((xd - mean) ** 2).mean(dims, keepdim=True)
+    w = m.weight.detach().double().view(shp)
+    b = m.bias.detach().double().view(shp)
+    return (xd - mean) / torch.sqrt(var + m.eps) * w + b
+
+
+def compare(
+    shapes: list[tuple[int, ...]],
+    repeats: int = 20,
+    formats: tuple[str, ...] = ("contiguous", "channels_last"),
+) -> list[dict[str, Any]]:
+    """Time torch's and bnkit's modules on each shape, format and case; one row each."""
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        for cl in (False, True):
+            if (cl and len(shape) != 4) or ("channels_last" if cl else "contiguous") not in formats:
+                continue
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g) * 3 + 5
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            grad = torch.randn(shape, generator=g)
+            if cl:
+                grad = grad.contiguous(memory_format=torch.channels_last)
+            t, b = _modules(shape)
+            ref = _reference(x, t)
+            nbytes = x.numel() * x.element_size()
+            for case in ("train fwd", "train fwd+bwd", "eval fwd"):
+                res = {}
+                for name, m in (("torch", t), ("bnkit", b)):
+                    m.train(case != "eval fwd")
+                    xi = x.detach().requires_grad_(case == "train fwd+bwd")
+
+                    def step(
+                        m: torch.nn.Module = m,
+                        xi: torch.Tensor = xi,
+                        case: str = case,
+                        grad: torch.Tensor = grad,
+                    ) -> None:
+                        y = m(xi)
+                        if case == "train fwd+bwd":
+                            y.backward(grad)
+
+                    sec = median_time(step, repeats)
+                    # minimal traffic: fwd reads x, writes y (+1 read for batch stats);
+                    # fwd+bwd additionally reads x, grad and writes grad_x.
+                    traffic = {"train fwd": 3, "train fwd+bwd": 6, "eval fwd": 2}[case] * nbytes
+                    err = float("nan")
+                    if case == "train fwd":
+                        with torch.no_grad():
+                            err = (m(x).double() - ref).abs().max().item()
+                    res[name] = (sec, traffic / sec / 1e9, err)
+                rows.append(
+                    {
+                        "shape": shape,
+                        "format": "channels_last" if cl else "contiguous",
+                        "case": case,
+                        "torch_ms": res["torch"][0] * 1e3,
+                        "bnkit_ms": res["bnkit"][0] * 1e3,
+                        "ratio": res["bnkit"][0] / res["torch"][0],
+                        "torch_GBps": res["torch"][1],
+                        "bnkit_GBps": res["bnkit"][1],
+                        "torch_err": res["torch"][2],
+                        "bnkit_err": res["bnkit"][2],
+                    }
+                )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Print the rows and the geometric-mean ratio of each case."""
+    head = (
+        f"{'shape':<20} {'format':<14} {'case':<14} {'torch ms':>9} {'bnkit ms':>9} "
+        f"{'ratio':>6} {'torch GB/s':>10} {'bnkit GB/s':>10} {'torch err':>9} {'bnkit err':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['shape']!s:<20} {r['format']:<14} {r['case']:<14} {r['torch_ms']:>9.2f} "
+            f"{r['bnkit_ms']:>9.2f} {r['ratio']:>6.2f} {r['torch_GBps']:>10.1f} "
+            f"{r['bnkit_GBps']:>10.1f} {r['torch_err']:>9.1e} {r['bnkit_err']:>9.1e}"
+        )
+    for case in ("train fwd", "train fwd+bwd", "eval fwd"):
+        ratios = [float(r["ratio"]) for r in rows if r["case"] == case]
+        if not ratios:
+            continue
+        geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+        print(f"geomean ratio bnkit/torch, {case:<14}: {geo:.2f}  (max {max(ratios):.2f})")

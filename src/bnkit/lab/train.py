@@ -1,0 +1,119 @@
+"""The training and evaluation loops every experiment shares."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bnkit.tools.convert import is_batchnorm
+from bnkit.tools.freeze import no_stats_update
+
+__all__ = ["History", "accuracy", "bar", "fit", "per_class_accuracy", "predict"]
+
+
+def bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """A progress bar on stderr (silent when ``enabled`` is False)."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        file=sys.stderr,
+        leave=False,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+@dataclass
+class History:
+    """Per-step training losses, per-epoch test accuracies and throughput."""
+
+    losses: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    examples_per_s: float = 0.0
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    on_epoch: object = None,
+    params: list[torch.Tensor] | None = None,
+) -> History:
+    """Plain SGD on shuffled mini-batches (the last short batch is dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr)
+    hist = History()
+    steps = len(y) // batch_size
+    seen, busy = 0, 0.0
+    with bar(epochs * steps, desc, progress) as pbar:
+        for epoch in range(epochs):
+            model.train()
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(steps):
+                idx = perm[i * batch_size : (i + 1) * batch_size]
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                busy += time.perf_counter() - t0
+                seen += len(idx)
+                hist.losses.append(loss.item())
+                pbar.update(1)
+            if test is not None:
+                hist.test_acc.append(accuracy(model, *test))
+            if callable(on_epoch):
+                on_epoch(epoch)
+    hist.examples_per_s = seen / busy if busy else 0.0
+    return hist
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 500, train_mode: bool = False
+) -> torch.Tensor:
+    """Predicted classes; ``train_mode`` normalizes with each batch's own statistics
+    (running statistics untouched)."""
+    was = model.training
+    model.train(train_mode)
+    try:
+        has_bn = any(is_batchnorm(m) for m in model.modules())
+        with no_stats_update(model) if train_mode and has_bn else contextlib.nullcontext():
+            out = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 500,
+    train_mode: bool = False,
+) -> float:
+    """Fraction of ``x`` classified as ``y``."""
+    return float((predict(model, x, batch_size, train_mode) == y).float().mean())
+
+
+def per_class_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Accuracy on each class 0..9 in eval mode."""
+    pred = predict(model, x)
+    return [
+        float((pred[y == k] == k).float().mean()) if (y == k).any() else float("nan")
+        for k in range(10)
+    ]
