@@ -61,13 +61,13 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, pointer: str) -> str:
+def _fmt(value: Any, pointer: str, header: str = "") -> str:
     if isinstance(value, bool) or value is None:
         text = "—" if value is None else str(value)
     elif isinstance(value, float):
         if math.isnan(value):
             text = "nan"
-        elif 0 <= value <= 1 and "acc" in pointer:
+        elif 0 <= value <= 1 and ("acc" in pointer or "acc" in header):
             text = f"{value:.1%}"
         elif value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
             text = f"{value:.2e}"
@@ -123,9 +123,9 @@ def _html(sections: list[Any], meta: dict[str, Any], staging: Path) -> str:
             parts.extend(f"<th>{html.escape(str(h))}</th>" for h in header)
             parts.append("</tr>")
             for ri, row in enumerate(rows):
+                base = f"/sections/{s.name}/tables/{ti}/rows/{ri}"
                 cells = "".join(
-                    f"<td>{_fmt(v, f'/sections/{s.name}/tables/{ti}/rows/{ri}/{ci}')}</td>"
-                    for ci, v in enumerate(row)
+                    f"<td>{_fmt(v, f'{base}/{ci}', header[ci])}</td>" for ci, v in enumerate(row)
                 )
                 parts.append(f"<tr>{cells}</tr>")
             parts.append("</table>")

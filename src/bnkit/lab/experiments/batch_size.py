@@ -59,7 +59,7 @@ def run(ctx: Context) -> Section:
         [
             (
                 "Test accuracy",
-                ["batch size", "eval mode", "train mode", "track_running_stats=False"],
+                ["batch size", "acc, eval mode", "acc, train mode", "acc, no running stats"],
                 rows,
             )
         ],

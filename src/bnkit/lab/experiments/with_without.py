@@ -62,5 +62,5 @@ def run(ctx: Context) -> Section:
         summary,
         res,
         [plot],
-        [("Per-class test accuracy (eval mode)", ["class", "with BN", "without BN"], rows)],
+        [("Per-class test accuracy (eval mode)", ["class", "acc with BN", "acc without BN"], rows)],
     )
