@@ -14,7 +14,9 @@ from bnkit.nn import (
     functional,
 )
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from bnkit.tools.conventions import from_flax, from_keras, to_flax, to_keras
 from bnkit.tools.convert import convert
+from bnkit.tools.fold import fold
 from bnkit.tools.freeze import StatsGuard, freeze, frozen_layers, no_stats_update, unfreeze
 from bnkit.tools.recalibrate import recalibrate
 
@@ -33,10 +35,15 @@ __all__ = [
     "__version__",
     "StatsGuard",
     "convert",
+    "fold",
+    "from_flax",
+    "from_keras",
     "freeze",
     "frozen_layers",
     "functional",
     "no_stats_update",
     "recalibrate",
+    "to_flax",
+    "to_keras",
     "unfreeze",
 ]

@@ -49,7 +49,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.set_defaults(func=_cmd_report)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="tabulate the BatchNorm layers of a checkpoint",
+        description="Load a checkpoint (state_dict, a dict holding one, or a whole model) and "
+        "print a table per BatchNorm layer with flags for what looks wrong.",
+    )
+    ins.add_argument("checkpoint", help="a file written by torch.save")
+    ins.add_argument("--plot", metavar="FILE.png", help="draw running mean/var across depth")
+    ins.add_argument("--compare", metavar="OTHER", help="show which layers' statistics moved")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow loading a whole pickled model (runs code from the file)",
+    )
+    ins.set_defaults(func=_cmd_inspect)
     return parser
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from bnkit.tools import inspect as bni
+
+    sd, info = bni.find_state_dict(bni.load_checkpoint(args.checkpoint, trust=args.trust))
+    stats = bni.summarize(sd, info.get("momentum"))
+    if not stats:
+        raise ValueError(f"{args.checkpoint}: no BatchNorm layer (running_mean/running_var) found")
+    result: dict[str, object] = {"checkpoint": args.checkpoint, "layers": bni.as_dict(stats)}
+    if args.compare:
+        other, _ = bni.find_state_dict(bni.load_checkpoint(args.compare, trust=args.trust))
+        result["compare"] = bni.compare(sd, other)
+    if args.plot:
+        bni.plot_depth(stats, args.plot, title=args.checkpoint)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    head = (
+        f"{'layer':<28} {'C':>5} {'mean(rm)':>9} {'min(rm)':>9} {'max(rm)':>9} {'mean(rv)':>9} "
+        f"{'min(rv)':>9} {'max(rv)':>9} {'batches':>8} {'mean(w)':>8} {'mean(b)':>8}  flags"
+    )
+    print(head)
+    for s in stats:
+
+        def num(v: float | None, w: int = 9) -> str:
+            return f"{'-':>{w}}" if v is None else f"{v:>{w}.3g}"
+
+        print(
+            f"{s.name[-28:]:<28} {s.channels:>5} {num(s.mean_mean)} {num(s.mean_min)} "
+            f"{num(s.mean_max)} {num(s.var_mean)} {num(s.var_min)} {num(s.var_max)} "
+            f"{'-' if s.num_batches_tracked is None else s.num_batches_tracked:>8} "
+            f"{num(s.weight_mean, 8)} {num(s.bias_mean, 8)}  {'; '.join(s.flags)}"
+        )
+    flagged = sum(1 for s in stats if s.flags)
+    print(f"{len(stats)} BatchNorm layer(s), {flagged} flagged")
+    if args.compare:
+        print(f"\nchanges from {args.checkpoint} to {args.compare} (relative L2):")
+        for row in result["compare"]:  # type: ignore[attr-defined]
+            if "only_in" in row:
+                print(f"  {row['layer']}: only in the {row['only_in']} checkpoint")
+                continue
+            rm, rv = (
+                f"{v:.3g}" if isinstance(v, float) else str(v)
+                for v in (row["running_mean"], row["running_var"])
+            )
+            print(
+                f"  {row['layer']:<28} mean {rm:>10} var {rv:>10} "
+                f"batches {row['num_batches_tracked']}"
+            )
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -1,0 +1,109 @@
+"""bnkit inspect on checkpoints written here, including corrupt and pickled-model ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bnkit.cli import main
+from bnkit.tools import inspect as bni
+from tests.conftest import random_input
+from tests.models import SmallResNet
+
+
+def _trained(seed: int = 0) -> SmallResNet:
+    torch.manual_seed(seed)
+    m = SmallResNet()
+    for s in range(2):
+        m(random_input((8, 1, 16, 16), seed=s + seed))
+    return m
+
+
+def test_table_flags_and_formats(tmp_path: Path, capsys) -> None:
+    model = _trained()
+    with torch.no_grad():
+        model.layer1.bn1.running_var[0] = float("nan")
+        model.layer2.bn2.weight[:2] = 0.0
+        model.layer1.bn2.running_var[1] = 1e-12
+        model.layer2.short[1].reset_running_stats()
+    sd_path = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), sd_path)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"epoch": 3, "model": model.state_dict(), "optimizer": {}}, wrapped)
+    for path in (sd_path, wrapped):
+        assert main(["inspect", str(path), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        layers = {row["name"]: row for row in data["layers"]}
+        assert len(layers) == 7
+        assert "NaN/Inf" in layers["layer1.bn1"]["flags"]
+        assert any("dead channels" in f for f in layers["layer2.bn2"]["flags"])
+        assert any("near-zero variance" in f for f in layers["layer1.bn2"]["flags"])
+        assert any("initial values" in f for f in layers["layer2.short.1"]["flags"])
+        assert layers["stem.1"]["flags"] == [] and layers["stem.1"]["num_batches_tracked"] == 2
+        torch.testing.assert_close(
+            torch.tensor(layers["stem.1"]["mean_mean"], dtype=torch.float64),
+            model.stem[1].running_mean.double().mean(),
+        )
+    assert main(["inspect", str(sd_path)]) == 0
+    out = capsys.readouterr().out
+    assert "7 BatchNorm layer(s), 4 flagged" in out
+
+
+def test_plot_is_a_real_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.pt"
+    torch.save(_trained().state_dict(), path)
+    png = tmp_path / "depth.png"
+    assert main(["inspect", str(path), "--plot", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 400 and height > 400
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_compare_shows_what_moved(tmp_path: Path, capsys) -> None:
+    a, b = _trained(), _trained()
+    b.train()
+    b.head(torch.randn(8, 16 * 8 * 8) + 3)  # only the head's BN moves
+    pa, pb = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(a.state_dict(), pa)
+    torch.save(b.state_dict(), pb)
+    assert main(["inspect", str(pa), "--compare", str(pb), "--json"]) == 0
+    rows = {r["layer"]: r for r in json.loads(capsys.readouterr().out)["compare"]}
+    assert rows["head.2"]["running_mean"] > 0.01 and rows["head.2"]["num_batches_tracked"] == 1
+    assert rows["stem.1"]["running_mean"] == 0.0 and rows["stem.1"]["num_batches_tracked"] == 0
+
+
+def test_whole_model_needs_trust(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "whole.pt"
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=0.99))
+    torch.save(model, path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "pickled Python objects" in err and "--trust" in err
+    assert main(["inspect", str(path), "--trust", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert any("momentum 0.99" in f for f in data["layers"][0]["flags"])
+
+
+def test_missing_corrupt_and_empty(tmp_path: Path, capsys) -> None:
+    assert main(["inspect", str(tmp_path / "nope.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    torch.save(_trained().state_dict(), bad)
+    bad.write_bytes(bad.read_bytes()[: 200])
+    assert main(["inspect", str(bad)]) == 2
+    assert "corrupt or not a torch file" in capsys.readouterr().err
+    nobn = tmp_path / "nobn.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), nobn)
+    assert main(["inspect", str(nobn)]) == 2
+    assert "no BatchNorm layer" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.save({"a": 1}, other)
+    with pytest.raises(ValueError, match="no state_dict found"):
+        bni.find_state_dict(bni.load_checkpoint(other))
