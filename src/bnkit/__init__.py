@@ -14,6 +14,7 @@ from bnkit.nn import (
     functional,
 )
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from bnkit.tools.conform import conform
 from bnkit.tools.conventions import from_flax, from_keras, to_flax, to_keras
 from bnkit.tools.convert import convert
 from bnkit.tools.fold import fold
@@ -34,6 +35,7 @@ __all__ = [
     "LazyBatchNorm3d",
     "__version__",
     "StatsGuard",
+    "conform",
     "convert",
     "fold",
     "from_flax",

@@ -66,7 +66,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow loading a whole pickled model (runs code from the file)",
     )
     ins.set_defaults(func=_cmd_inspect)
+
+    con = sub.add_parser(
+        "conform",
+        help="check a BatchNorm implementation against torch's semantics",
+        description="Probe a BatchNorm class against torch's semantics and name the classic "
+        "mistakes. Exit status 1 when a probed property fails.",
+    )
+    con.add_argument("target", help="MODULE:CLASS, MODULE a dotted name or a path to a .py file")
+    con.add_argument("--momentum-convention", choices=("auto", "torch", "keras"), default="auto")
+    con.add_argument("--rank", type=int, choices=(2, 3, 4, 5), help="input rank to probe with")
+    con.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME",
+        help="name of a tensor, e.g. running_mean=mu (roles: weight, bias, running_mean, "
+        "running_var, num_batches_tracked)",
+    )
+    con.add_argument("--float32", action="store_true", help="probe in float32, not float64")
+    con.add_argument("--json", action="store_true", help="machine-readable output")
+    con.set_defaults(func=_cmd_conform)
     return parser
+
+
+def _load_target(spec: str) -> object:
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected MODULE:CLASS, got {spec!r}")
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        mspec = importlib.util.spec_from_file_location(path.stem, path)
+        if mspec is None or mspec.loader is None:
+            raise ValueError(f"{path}: cannot be imported")
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise ValueError(f"{module_name} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _cmd_conform(args: argparse.Namespace) -> int:
+    import torch
+
+    from bnkit.tools.conform import conform
+
+    attrs = {}
+    for item in args.attr:
+        role, sep, name = item.partition("=")
+        if not sep:
+            raise ValueError(f"--attr expects ROLE=NAME, got {item!r}")
+        attrs[role.strip()] = name.strip()
+    report = conform(
+        _load_target(args.target),  # type: ignore[arg-type]
+        momentum_convention=args.momentum_convention,
+        attrs=attrs,
+        rank=args.rank,
+        dtype=torch.float32 if args.float32 else torch.float64,
+    )
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.ok else 1
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

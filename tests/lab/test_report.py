@@ -34,8 +34,9 @@ def test_quick_report_writes_every_section(quick_report: Path) -> None:
             png = (quick_report / plot).read_bytes()
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in html  # self-contained
-    assert not results["sections"]["conformance"]["available"]
-    assert "not part of this version" in results["sections"]["conformance"]["summary"]
+    conf = results["sections"]["conformance"]["results"]
+    assert conf["bnkit.BatchNorm2d"]["ok"] and conf["torch.nn.BatchNorm2d"]["ok"]
+    assert not any(conf[k]["ok"] for k in conf if k.startswith("scratch."))
     assert results["meta"]["seed"] == 0 and results["meta"]["quick"] is True
 
 
