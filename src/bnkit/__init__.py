@@ -17,6 +17,7 @@ from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNor
 from bnkit.tools.conform import conform
 from bnkit.tools.conventions import from_flax, from_keras, to_flax, to_keras
 from bnkit.tools.convert import convert
+from bnkit.tools.diagnose import diagnose
 from bnkit.tools.fold import fold
 from bnkit.tools.freeze import StatsGuard, freeze, frozen_layers, no_stats_update, unfreeze
 from bnkit.tools.recalibrate import recalibrate
@@ -37,6 +38,7 @@ __all__ = [
     "StatsGuard",
     "conform",
     "convert",
+    "diagnose",
     "fold",
     "from_flax",
     "from_keras",

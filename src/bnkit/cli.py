@@ -87,7 +87,61 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--float32", action="store_true", help="probe in float32, not float64")
     con.add_argument("--json", action="store_true", help="machine-readable output")
     con.set_defaults(func=_cmd_conform)
+
+    dia = sub.add_parser(
+        "diagnose",
+        help="find BatchNorm misuse in a saved model on some data",
+        description="Load a whole saved model (torch.save(model)) and run bnkit.diagnose on a "
+        "batch of data: train-mode inference, train/eval gap, bad statistics, frozen layers.",
+    )
+    dia.add_argument("model", help="a file written by torch.save(model) (a whole model)")
+    dia.add_argument(
+        "--data",
+        default="embedded",
+        metavar="SOURCE",
+        help="'embedded' or 'idx:DIR' (MNIST test images) or 'tensor:FILE.pt' (a saved batch)",
+    )
+    dia.add_argument("--batch-size", type=int, default=64, help="samples in the batch (64)")
+    dia.add_argument(
+        "--trust", action="store_true", help="allow unpickling the model (runs code from it)"
+    )
+    dia.add_argument("--json", action="store_true", help="machine-readable output")
+    dia.set_defaults(func=_cmd_diagnose)
     return parser
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from bnkit.tools.diagnose import diagnose
+    from bnkit.tools.inspect import load_checkpoint
+
+    model = load_checkpoint(args.model, trust=args.trust)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"{args.model}: holds a {type(model).__name__}, not a whole model; save it with "
+            "torch.save(model) (diagnose needs to run it), or use bnkit inspect for a state_dict"
+        )
+    if args.data.startswith("tensor:"):
+        batch = load_checkpoint(args.data[7:])
+        if not isinstance(batch, torch.Tensor):
+            raise ValueError(
+                f"{args.data[7:]}: expected a saved tensor, got {type(batch).__name__}"
+            )
+    else:
+        from bnkit.lab.data import load
+
+        batch = load(args.data).test_x
+    findings = diagnose(model, batch[: args.batch_size])
+    if args.json:
+        print(json.dumps([f.to_dict() for f in findings], indent=1))
+    else:
+        for f in findings:
+            print(f)
+        print(f"{len(findings)} finding(s)")
+    return 1 if any(f.severity == "error" for f in findings) else 0
 
 
 def _load_target(spec: str) -> object:
