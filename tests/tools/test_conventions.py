@@ -55,8 +55,9 @@ def test_round_trip_is_identity(framework: str) -> None:
     export = bnkit.to_keras if framework == "keras" else bnkit.to_flax
     imp = bnkit.from_keras if framework == "keras" else bnkit.from_flax
     conv = export(bn, n=16)
-    back, notes = imp(conv.weights, momentum=conv.config["momentum"],
-                      epsilon=conv.config["epsilon"], n=16)
+    back, notes = imp(
+        conv.weights, momentum=conv.config["momentum"], epsilon=conv.config["epsilon"], n=16
+    )
     assert notes == []
     assert back.eps == bn.eps and back.momentum == pytest.approx(bn.momentum)
     for k in ("weight", "bias", "running_mean", "running_var"):
@@ -69,16 +70,19 @@ def test_keras_names_and_biased_variance() -> None:
     bn = _trained_bn()
     conv = bnkit.to_keras(bn, n=16)
     assert set(conv.weights) == {"gamma", "beta", "moving_mean", "moving_variance"}
-    np.testing.assert_allclose(conv.weights["moving_variance"],
-                               bn.running_var.double().numpy() * 15 / 16)
+    np.testing.assert_allclose(
+        conv.weights["moving_variance"], bn.running_var.double().numpy() * 15 / 16
+    )
     assert conv.config["momentum"] == pytest.approx(0.99)
     unknown = bnkit.to_keras(bn)
     assert any("cannot" in n or "copied as it is" in n for n in unknown.notes)
 
 
 def test_flax_nested_dict_and_defaults() -> None:
-    weights = {"params": {"scale": np.full(4, 2.0), "bias": np.zeros(4)},
-               "batch_stats": {"mean": np.arange(4.0), "var": np.full(4, 3.0)}}
+    weights = {
+        "params": {"scale": np.full(4, 2.0), "bias": np.zeros(4)},
+        "batch_stats": {"mean": np.arange(4.0), "var": np.full(4, 3.0)},
+    }
     bn, notes = bnkit.from_flax(weights, dims=1)
     assert isinstance(bn, bnkit.BatchNorm1d) and bn.eps == 1e-5
     assert bn.momentum == pytest.approx(0.01) and notes  # variance note without n

@@ -64,9 +64,11 @@ def test_fold_bn_after_layer(make, dims, shape, kind, opts) -> None:
 @pytest.mark.parametrize("opts", BN_OPTS, ids=["affine", "no-affine", "no-bias"])
 @pytest.mark.parametrize(
     "make,dims,shape",
-    [(lambda: nn.Linear(6, 4), 1, (7, 6)),
-     (lambda: nn.Conv2d(6, 4, 3, groups=2), 2, (2, 6, 6, 6)),
-     (lambda: nn.Conv1d(6, 3, 1), 1, (2, 6, 9))],
+    [
+        (lambda: nn.Linear(6, 4), 1, (7, 6)),
+        (lambda: nn.Conv2d(6, 4, 3, groups=2), 2, (2, 6, 6, 6)),
+        (lambda: nn.Conv1d(6, 3, 1), 1, (2, 6, 9)),
+    ],
 )
 def test_fold_bn_before_layer_where_exact(make, dims, shape, opts) -> None:
     model = nn.Sequential(_rand_bn(_bn(dims, 6, "torch", **opts)), make()).eval()
@@ -150,8 +152,10 @@ def test_where_torch_fuse_fails_bnkit_does_not() -> None:
     lin, bn1 = nn.Linear(3, 4).eval(), _rand_bn(nn.BatchNorm1d(4, affine=False))
     with pytest.raises(TypeError):
         fuse_linear_bn_eval(lin, bn1)
-    for model, x in ((nn.Sequential(convt, bn), random_input((2, 4, 5, 5))),
-                     (nn.Sequential(lin, bn1), random_input((5, 3)))):
+    for model, x in (
+        (nn.Sequential(convt, bn), random_input((2, 4, 5, 5))),
+        (nn.Sequential(lin, bn1), random_input((5, 3))),
+    ):
         folded, report = bnkit.fold(model.eval(), x)
         assert len(report.folded) == 1
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)

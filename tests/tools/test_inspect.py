@@ -96,7 +96,7 @@ def test_missing_corrupt_and_empty(tmp_path: Path, capsys) -> None:
     assert "no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
     torch.save(_trained().state_dict(), bad)
-    bad.write_bytes(bad.read_bytes()[: 200])
+    bad.write_bytes(bad.read_bytes()[:200])
     assert main(["inspect", str(bad)]) == 2
     assert "corrupt or not a torch file" in capsys.readouterr().err
     nobn = tmp_path / "nobn.pt"

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from bnkit.nn import _kernels
+
 __all__ = [
     "BatchNormState",
     "batch_norm",
@@ -302,6 +304,10 @@ class _TrainNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
+        fast = _kernels.usable(x)
+        if fast is not None:
+            y, mean, var = fast.forward_train(x, weight, bias, eps)
+            return y, mean, var
         return _train_forward(x, weight, bias, eps)
 
     @staticmethod
@@ -328,7 +334,16 @@ class _TrainNorm(torch.autograd.Function):
             dims = [0, *range(2, x.dim())]
             mean = xc.mean(dims).to(var.dtype)
             var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
-        gx, gw, gb = _train_backward(grad_out, x, weight, mean, _invstd(var, ctx.eps), needs)
+        invstd = _invstd(var, ctx.eps)
+        fast = None if torch.is_grad_enabled() else _kernels.usable(x)
+        if fast is not None:
+            gx, sum_go_xhat, sum_go = fast.backward_train(
+                grad_out, x, weight, mean, invstd, needs[0]
+            )
+            gw = sum_go_xhat.to(weight.dtype) if needs[1] and weight is not None else None
+            gb = sum_go.to(weight.dtype if weight is not None else x.dtype) if needs[2] else None
+            return (gx if needs[0] else None), gw, gb, None
+        gx, gw, gb = _train_backward(grad_out, x, weight, mean, invstd, needs)
         return gx, gw, gb, None
 
 
@@ -374,6 +389,50 @@ def normalize_train(
     return y, mean, var
 
 
+class _EvalNorm(torch.autograd.Function):
+    """Eval-mode normalization on the fast path, with its closed-form backward:
+    ``dx = grad * weight * invstd``, ``dweight = sum(grad * (x - mean)) * invstd``,
+    ``dbias = sum(grad)``; written with differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        invstd = _invstd(running_var.to(torch.float64), eps)
+        scale, shift = _affine(weight, bias, invstd)
+        fast = _kernels.get()
+        y: Tensor = fast.forward_eval(x, running_mean, scale, shift)
+        return y
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, bias, running_mean, running_var, eps = inputs
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        shape = _channel_shape(x)
+        invstd = _invstd(running_var.to(torch.float64), ctx.eps)
+        a = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_out * a.to(x.dtype).view(shape)
+        if weight is not None and ctx.needs_input_grad[1]:
+            d = x - running_mean.to(x.dtype).view(shape)
+            gw = (_channel_sum(grad_out, d) * invstd).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = _channel_sum(grad_out).to(weight.dtype if weight is not None else x.dtype)
+        return gx, gw, gb, None, None, None
+
+
 def normalize_eval(
     x: Tensor,
     running_mean: Tensor,
@@ -392,6 +451,15 @@ def normalize_eval(
     acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
     invstd = _invstd(running_var.to(acc), eps)
     scale, shift = _affine(weight, bias, invstd)
+    stats_grad = running_mean.requires_grad or running_var.requires_grad
+    fast = None if stats_grad else _kernels.usable(x)
+    if fast is not None:
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        ):
+            y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps)
+            return y
+        return fast.forward_eval(x, running_mean, scale, shift)
     d = x.to(cdt) - running_mean.to(cdt).view(shape)
     y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
     return y.to(x.dtype)

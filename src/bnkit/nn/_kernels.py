@@ -1,0 +1,136 @@
+"""Fast paths chosen at run time; the plain path in ``functional`` is always there.
+
+The ``cpp`` backend is a small C++ extension (``_kernels.cpp``) built with torch's own
+extension tooling the first time it is needed and cached on disk (``TORCH_EXTENSIONS_DIR``,
+by default ``~/.cache/torch_extensions``): the first build takes about 30 s, later
+processes load it in well under a second. It needs a C++ compiler; without one, or when
+the build fails, bnkit warns once and uses the plain path.
+
+``BNKIT_BACKEND`` chooses: ``auto`` (default: ``cpp`` where it builds, else ``plain``),
+``cpp`` (fail loudly if it cannot be built), ``plain``. :func:`set_backend` does the same
+from Python. The fast path is used for CPU float32/float64 input that is contiguous or
+channels_last, and not under ``torch.func`` transforms or ``torch.compile`` (which trace
+the plain path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "available", "backend", "get", "set_backend"]
+
+BACKENDS = ("auto", "cpp", "plain")
+_SOURCE = Path(__file__).with_name("_kernels.cpp")
+_lock = threading.Lock()
+_module: Any = None
+_failed: str | None = None
+_choice: str | None = None
+
+
+def _env_choice() -> str:
+    value = os.environ.get("BNKIT_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"BNKIT_BACKEND={value!r}: expected one of {BACKENDS}")
+    return value
+
+
+def backend() -> str:
+    """The backend asked for: ``auto``, ``cpp`` or ``plain``."""
+    return _choice if _choice is not None else _env_choice()
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for this process (overrides ``BNKIT_BACKEND``)."""
+    global _choice
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _choice = name
+
+
+def _build() -> Any:
+    from torch.utils import cpp_extension
+
+    source = _SOURCE.read_text()
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    # Vector width: what torch itself dispatches to on this CPU (the cache is per machine).
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    key = source + torch.__version__ + " ".join(flags)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = f"bnkit_cpu_{digest}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not any(build_dir.glob("*.so")):
+        print(
+            "bnkit: building the CPU fast path once (about 30 s; cached on disk)", file=sys.stderr
+        )
+    return cpp_extension.load_inline(
+        name=name,
+        cpp_sources=[source],
+        functions=["eligible", "forward_train", "backward_train", "forward_eval"],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def get() -> Any:
+    """The loaded C++ module, or None for the plain path (building it on first use)."""
+    global _module, _failed
+    choice = backend()
+    if choice == "plain":
+        return None
+    if _module is not None:
+        return _module
+    if _failed is not None and choice == "auto":
+        return None
+    with _lock:
+        if _module is None and (_failed is None or choice == "cpp"):
+            try:
+                _module = _build()
+                _failed = None
+            except Exception as exc:  # no compiler, no headers, ...
+                _failed = f"{type(exc).__name__}: {exc}"
+                if choice == "cpp":
+                    raise RuntimeError(
+                        f"BNKIT_BACKEND=cpp but the C++ fast path could not be built: {_failed}"
+                    ) from exc
+                warnings.warn(
+                    "bnkit: the C++ fast path could not be built; using the plain path "
+                    f"(set BNKIT_BACKEND=plain to silence this). {_failed[:300]}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _module
+
+
+def available() -> bool:
+    """Whether the C++ fast path can be used in this process."""
+    return get() is not None
+
+
+def usable(x: Tensor) -> Any:
+    """The C++ module when ``x`` may take the fast path, else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if torch.compiler.is_compiling() or _under_functorch(x):
+        return None
+    mod = get()
+    if mod is None or not mod.eligible(x):
+        return None
+    return mod
+
+
+def _under_functorch(x: Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # older torch: be safe
+        return True
