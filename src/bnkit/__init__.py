@@ -14,6 +14,7 @@ from bnkit.nn import (
     functional,
 )
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from bnkit.nn.sync import SyncBatchNorm, check_consistency, resync
 from bnkit.tools.conform import conform
 from bnkit.tools.conventions import from_flax, from_keras, to_flax, to_keras
 from bnkit.tools.convert import convert
@@ -36,6 +37,9 @@ __all__ = [
     "LazyBatchNorm3d",
     "__version__",
     "StatsGuard",
+    "SyncBatchNorm",
+    "check_consistency",
+    "resync",
     "conform",
     "convert",
     "diagnose",

@@ -25,6 +25,7 @@ rounding of the output.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "batch_norm_stateless",
     "batch_stats",
     "merge_stats",
+    "train_backward",
     "check_eps",
     "check_momentum",
     "check_batch_size",
@@ -153,9 +155,10 @@ def _channels_fastest(t: Tensor) -> bool:
 def _rows(t: Tensor, channels_fastest: bool) -> Tensor:
     """A view of ``t`` as (R, C) (channels fastest) or (N, C, L); copies only if needed."""
     c = t.shape[1]
+    inner = math.prod(t.shape[2:])  # explicit sizes: -1 is ambiguous for empty tensors
     if channels_fastest:
-        return t.permute(0, *range(2, t.dim()), 1).reshape(-1, c)
-    return t.reshape(t.shape[0], c, -1)
+        return t.permute(0, *range(2, t.dim()), 1).reshape(t.shape[0] * inner, c)
+    return t.reshape(t.shape[0], c, inner)
 
 
 def _channel_sum(t: Tensor, other: Tensor | None = None) -> Tensor:
@@ -252,6 +255,8 @@ def _train_backward(
     mean: Tensor,
     invstd: Tensor,
     needs: tuple[bool, bool, bool],
+    n: int | None = None,
+    reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Closed-form gradient of the training-mode normalization.
 
@@ -260,23 +265,28 @@ def _train_backward(
     ``dweight = sum(grad_out xhat)``, ``dbias = sum(grad_out)``. Written with ordinary
     differentiable ops, so that calling it with ``mean``/``invstd`` that depend on ``x``
     gives the exact second derivative.
+
+    For a batch split across processes (SyncBatchNorm), ``reduce`` maps the local
+    ``(sum(grad_out), sum(grad_out * xhat))`` to their sums over all processes and ``n`` is
+    the global count; the weight/bias gradients stay local (DDP reduces those).
     """
     shape = _channel_shape(x)
     cdt = _compute_dtype(x)
     go = grad_out.to(cdt)
     xc = x.to(cdt)
-    n = x.numel() // x.shape[1]
+    n = x.numel() // x.shape[1] if n is None else n
     shift = mean.to(cdt)
     d = xc - shift.view(shape)
     lo = mean - shift.to(mean.dtype)  # what the compute-dtype shift missed
     sum_go = _channel_sum(go)
     sum_go_d = _channel_sum(go, d)
     sum_go_xhat = (sum_go_d - lo * sum_go) * invstd
+    all_go, all_go_xhat = (sum_go, sum_go_xhat) if reduce is None else reduce(sum_go, sum_go_xhat)
     gx = gw = gb = None
     if needs[0]:
         a = invstd if weight is None else weight.to(invstd.dtype) * invstd
-        k_d = -a * invstd * sum_go_xhat / n  # coefficient of (x - shift)
-        k_0 = -a * sum_go / n - k_d * lo  # constant per channel
+        k_d = -a * invstd * all_go_xhat / n  # coefficient of (x - shift)
+        k_0 = -a * all_go / n - k_d * lo  # constant per channel
         gx = go * a.to(cdt).view(shape) + d * k_d.to(cdt).view(shape) + k_0.to(cdt).view(shape)
         gx = gx.to(x.dtype)
     if needs[1] and weight is not None:
@@ -284,6 +294,9 @@ def _train_backward(
     if needs[2]:
         gb = sum_go.to(weight.dtype if weight is not None else cdt)
     return gx, gw, gb
+
+
+train_backward = _train_backward
 
 
 def _invstd(var: Tensor, eps: float) -> Tensor:

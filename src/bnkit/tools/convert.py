@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 import bnkit.nn.batchnorm as bnb
 from bnkit.nn import frozen as bnf
+from bnkit.nn.sync import SyncBatchNorm
 
 __all__ = ["convert", "batchnorm_rank", "is_batchnorm", "TARGETS"]
 
@@ -29,30 +31,38 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, bnb._BatchNorm))
 
 
-def batchnorm_rank(module: nn.Module) -> int:
-    """1, 2 or 3 for a BatchNorm1d/2d/3d (torch's or bnkit's); raises otherwise."""
+def batchnorm_rank(module: nn.Module, default: int | None = None) -> int:
+    """1, 2 or 3 for a BatchNorm1d/2d/3d (torch's or bnkit's); for a SyncBatchNorm the rank
+    of the module it was converted from, else ``default``; raises otherwise."""
     for cls, rank in _RANK.items():
         if type(module) is cls:
             return rank
+    origin = getattr(module, "_bnkit_origin_rank", None)
+    if origin is not None:
+        return int(origin)
+    if default is not None and _is_sync(module):
+        return default
     raise TypeError(f"not a plain BatchNorm1d/2d/3d: {type(module).__name__}")
 
 
-def _copy_bn(src: nn.Module, target_cls: type[nn.Module]) -> nn.Module:
+def _is_sync(m: nn.Module) -> bool:
+    return isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm))
+
+
+def _copy_bn(src: Any, target_cls: Any, **extra: Any) -> nn.Module:
     ref = next(iter([*src.parameters(), *src.buffers()]), None)
     weight = getattr(src, "weight", None)
+    rm = src.running_mean
     new = target_cls(
-        src.num_features,  # type: ignore[arg-type]
-        eps=src.eps,  # type: ignore[arg-type]
-        momentum=src.momentum,  # type: ignore[arg-type]
-        affine=src.affine,  # type: ignore[arg-type]
-        track_running_stats=src.running_mean is not None,
+        src.num_features,
+        eps=src.eps,
+        momentum=src.momentum,
+        affine=src.affine,
+        track_running_stats=rm is not None,
         bias=getattr(src, "bias", None) is not None,
         device=ref.device if ref is not None else None,
-        dtype=weight.dtype
-        if weight is not None
-        else (
-            src.running_mean.dtype if src.running_mean is not None else None  # type: ignore[union-attr]
-        ),
+        dtype=weight.dtype if weight is not None else (rm.dtype if rm is not None else None),
+        **extra,
     )
     # A flag toggled after construction is carried over as it is.
     new.track_running_stats = src.track_running_stats
@@ -67,64 +77,93 @@ def _copy_bn(src: nn.Module, target_cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def _to_bnkit(m: nn.Module) -> nn.Module | None:
-    if type(m) in _TORCH_BN:
-        return _copy_bn(m, _BNKIT_BN[batchnorm_rank(m) - 1])
+def _plain_rank(m: nn.Module, sync_rank: int) -> int | None:
+    if type(m) in _TORCH_BN or type(m) in _BNKIT_BN or _is_sync(m):
+        return batchnorm_rank(m, default=sync_rank)
     return None
 
 
-def _to_torch(m: nn.Module) -> nn.Module | None:
-    if type(m) in _BNKIT_BN:
-        return _copy_bn(m, _TORCH_BN[batchnorm_rank(m) - 1])
+def _to_bnkit(m: nn.Module, **kw: Any) -> nn.Module | None:
+    rank = _plain_rank(m, kw.get("sync_rank", 2))
+    if rank is None or type(m) in _BNKIT_BN:
+        return None
+    return _copy_bn(m, _BNKIT_BN[rank - 1])
+
+
+def _to_torch(m: nn.Module, **kw: Any) -> nn.Module | None:
+    rank = _plain_rank(m, kw.get("sync_rank", 2))
+    if rank is None or type(m) in _TORCH_BN:
+        return None
+    return _copy_bn(m, _TORCH_BN[rank - 1])
+
+
+def _to_sync(m: nn.Module, **kw: Any) -> nn.Module | None:
+    if type(m) in _TORCH_BN or type(m) in _BNKIT_BN or type(m) is nn.SyncBatchNorm:
+        new = _copy_bn(m, SyncBatchNorm, process_group=kw.get("process_group"))
+        rank = batchnorm_rank(m, default=kw.get("sync_rank", 2))
+        new._bnkit_origin_rank = rank  # type: ignore[assignment]
+        new.sync_name = kw.get("name") or new.sync_name  # type: ignore[assignment]
+        return new
     return None
 
 
 _FROZEN = (bnf.FrozenBatchNorm1d, bnf.FrozenBatchNorm2d, bnf.FrozenBatchNorm3d)
 
 
-def _to_frozen(m: nn.Module) -> nn.Module | None:
-    if type(m) in _TORCH_BN or type(m) in _BNKIT_BN:
-        if m.running_mean is None:
-            warnings.warn(
-                f"convert(to='frozen'): {m} has no running statistics "
-                "(track_running_stats=False); left as it is",
-                UserWarning,
-                stacklevel=4,
-            )
-            return None
-        frozen = _FROZEN[batchnorm_rank(m) - 1].from_batchnorm(m)
-        frozen.train(m.training)
-        return frozen
-    return None
+def _to_frozen(m: nn.Module, **kw: Any) -> nn.Module | None:
+    rank = _plain_rank(m, kw.get("sync_rank", 2))
+    if rank is None:
+        return None
+    if m.running_mean is None:
+        warnings.warn(
+            f"convert(to='frozen'): {m} has no running statistics "
+            "(track_running_stats=False); left as it is",
+            UserWarning,
+            stacklevel=4,
+        )
+        return None
+    frozen = _FROZEN[rank - 1].from_batchnorm(m)
+    frozen.train(m.training)
+    return frozen
 
 
-TARGETS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
+TARGETS: dict[str, Callable[..., nn.Module | None]] = {
     "bnkit": _to_bnkit,
     "torch": _to_torch,
     "frozen": _to_frozen,
+    "sync": _to_sync,
 }
 
 
-def _swap(module: nn.Module, fn: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    new = fn(module)
+def _swap(
+    module: nn.Module, fn: Callable[..., nn.Module | None], name: str, **kw: Any
+) -> nn.Module:
+    new = fn(module, name=name, **kw)
     if new is not None:
         return new
-    for name, child in module.named_children():
-        replaced = _swap(child, fn)
+    for child_name, child in module.named_children():
+        full = f"{name}.{child_name}" if name else child_name
+        replaced = _swap(child, fn, full, **kw)
         if replaced is not child:
-            module.add_module(name, replaced)
+            module.add_module(child_name, replaced)
     return module
 
 
-def convert(model: nn.Module, to: str = "bnkit") -> nn.Module:
+def convert(
+    model: nn.Module, to: str = "bnkit", *, process_group: Any = None, sync_rank: int = 2
+) -> nn.Module:
     """Swap every BatchNorm in ``model`` for the kind ``to`` names, keeping its state.
 
     Args:
         model: any module; children are replaced in place, and the (possibly new) root
             is returned, so use ``model = bnkit.convert(model, ...)``.
-        to: ``"bnkit"`` (torch's BatchNorm -> bnkit's), ``"torch"`` (back), or
-            ``"frozen"`` (either -> :class:`~bnkit.FrozenBatchNorm2d` etc.; a layer
-            without running statistics is left as it is, with a warning).
+        to: ``"bnkit"`` (torch's BatchNorm or any SyncBatchNorm -> bnkit's BatchNorm),
+            ``"torch"`` (-> torch's), ``"sync"`` (-> :class:`bnkit.SyncBatchNorm` on
+            ``process_group``), or ``"frozen"`` (-> :class:`~bnkit.FrozenBatchNorm2d` etc.;
+            a layer without running statistics is left as it is, with a warning).
+        process_group: the group for ``to="sync"`` (default: the whole world).
+        sync_rank: 1, 2 or 3: the BatchNorm{1,2,3}d a SyncBatchNorm becomes when it was not
+            made by ``convert`` (which remembers the original kind).
 
     Returns:
         The converted model. Its outputs equal the original's up to float rounding.
@@ -133,4 +172,6 @@ def convert(model: nn.Module, to: str = "bnkit") -> nn.Module:
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
     if to not in TARGETS:
         raise ValueError(f"convert: unknown target to={to!r}; expected one of {sorted(TARGETS)}")
-    return _swap(model, TARGETS[to])
+    if sync_rank not in (1, 2, 3):
+        raise ValueError(f"convert: sync_rank must be 1, 2 or 3, got {sync_rank!r}")
+    return _swap(model, TARGETS[to], "", process_group=process_group, sync_rank=sync_rank)
