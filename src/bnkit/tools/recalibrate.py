@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
@@ -34,6 +35,29 @@ class _Population:
         self.count = 0
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
+
+    def all_merge(self, group: Any, channels: int, device: torch.device) -> None:
+        """Merge the summaries of every rank (one all_gather), in rank order."""
+        packed = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=device)
+        if self.mean is not None and self.var is not None:
+            packed[0] = self.count
+            packed[1 : 1 + channels] = self.mean
+            packed[1 + channels :] = self.var
+        parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, packed, group=group)
+        self.count, self.mean, self.var = 0, None, None
+        for part in parts:
+            n = int(part[0].item())
+            if n == 0:
+                continue
+            mean, var = part[1 : 1 + channels], part[1 + channels :]
+            if self.mean is None or self.var is None:
+                self.count, self.mean, self.var = n, mean, var
+            else:
+                count, self.mean, self.var = F.merge_stats(
+                    self.count, self.mean, self.var, n, mean, var
+                )
+                self.count = int(count)
 
     def add(self, x: Tensor) -> None:
         if x.numel() == 0:
@@ -78,6 +102,7 @@ def recalibrate(
     num_batches: int | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
+    process_group: Any = None,
 ) -> dict[str, int]:
     """Set every BatchNorm's running statistics to the exact population statistics.
 
@@ -90,6 +115,9 @@ def recalibrate(
         forward: ``forward(model, batch)`` for batches that are not a tensor or an
             ``(input, ...)`` tuple.
         progress: show a progress bar (needs ``tqdm``, from the ``report`` extra).
+        process_group: under torch.distributed (initialized, world size > 1) every rank
+            passes its own shard of the data and gets the *global* population statistics
+            (one all_gather per layer); ``process_group`` picks the group (default: world).
 
     Returns:
         ``{layer name: number of values per channel seen}``.
@@ -143,6 +171,15 @@ def recalibrate(
             f"{'asked for ' + str(num_batches) if num_batches else 'need at least 1'}; "
             "running statistics were left unchanged"
         )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        device: Any = None
+        for name, m in layers:
+            rm: Any = m.running_mean
+            device = rm.device
+            pops[name].all_merge(process_group, rm.numel(), device)
+        seen_t = torch.tensor([seen], dtype=torch.float64, device=device)
+        dist.all_reduce(seen_t, group=process_group)
+        seen = int(seen_t.item())
     counts = {}
     for name, m in layers:
         pop = pops[name]
