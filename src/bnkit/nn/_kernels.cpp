@@ -200,8 +200,13 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
   const T* px = vx.data();
   const T* po = vo.data();
   const T* p0 = v0.data();
-  at::parallel_for(0, lo.R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  // Same row split as channel_sums, walked backwards: the rows a thread read last in the
+  // statistics pass are still in cache when the output pass starts.
+  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (lo.R + 255) / 256));
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+   for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
+    for (int64_t r = r1 - 1; r >= r0; --r) {
       const T* xp = x + r * C;
       T* yp = out + r * C;
       if (other) {
@@ -213,6 +218,7 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
         for (int64_t c = 0; c < C; ++c) yp[c] = (xp[c] - ps[c]) * px[c] + p0[c];
       }
     }
+   }
   });
 }
 
