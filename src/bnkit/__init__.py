@@ -15,6 +15,16 @@ from bnkit.nn import (
 )
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnkit.nn.sync import SyncBatchNorm, check_consistency, resync
+from bnkit.nn.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    StatsAccumulator,
+    accumulate,
+)
 from bnkit.tools.conform import conform
 from bnkit.tools.conventions import from_flax, from_keras, to_flax, to_keras
 from bnkit.tools.convert import convert
@@ -29,9 +39,17 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "StatsAccumulator",
+    "accumulate",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",

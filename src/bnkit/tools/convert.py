@@ -17,6 +17,7 @@ from torch import nn
 
 import bnkit.nn.batchnorm as bnb
 from bnkit.nn import frozen as bnf
+from bnkit.nn import variants as bnv
 from bnkit.nn.sync import SyncBatchNorm
 
 __all__ = ["convert", "batchnorm_rank", "is_batchnorm", "TARGETS"]
@@ -36,6 +37,16 @@ def batchnorm_rank(module: nn.Module, default: int | None = None) -> int:
     of the module it was converted from, else ``default``; raises otherwise."""
     for cls, rank in _RANK.items():
         if type(module) is cls:
+            return rank
+    for rank, names in enumerate(
+        (
+            ("BatchRenorm1d", "GhostBatchNorm1d"),
+            ("BatchRenorm2d", "GhostBatchNorm2d"),
+            ("BatchRenorm3d", "GhostBatchNorm3d"),
+        ),
+        start=1,
+    ):
+        if type(module).__name__ in names and type(module).__module__ == bnv.__name__:
             return rank
     origin = getattr(module, "_bnkit_origin_rank", None)
     if origin is not None:
@@ -78,9 +89,13 @@ def _copy_bn(src: Any, target_cls: Any, **extra: Any) -> nn.Module:
 
 
 def _plain_rank(m: nn.Module, sync_rank: int) -> int | None:
-    if type(m) in _TORCH_BN or type(m) in _BNKIT_BN or _is_sync(m):
+    if type(m) in _TORCH_BN or type(m) in _BNKIT_BN or _is_sync(m) or _is_variant(m):
         return batchnorm_rank(m, default=sync_rank)
     return None
+
+
+def _is_variant(m: nn.Module) -> bool:
+    return isinstance(m, (bnv._BatchRenorm, bnv._GhostBatchNorm))
 
 
 def _to_bnkit(m: nn.Module, **kw: Any) -> nn.Module | None:
@@ -127,11 +142,32 @@ def _to_frozen(m: nn.Module, **kw: Any) -> nn.Module | None:
     return frozen
 
 
+def _to_variant(family: tuple[Any, ...], what: str) -> Callable[..., nn.Module | None]:
+    def convert_one(m: nn.Module, **kw: Any) -> nn.Module | None:
+        rank = _plain_rank(m, kw.get("sync_rank", 2))
+        if rank is None or type(m) in family:
+            return None
+        if m.running_mean is None:
+            warnings.warn(
+                f"convert(to={what!r}): {m} has no running statistics; left as it is",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+        return _copy_bn(m, family[rank - 1], **kw.get("options", {}))
+
+    return convert_one
+
+
 TARGETS: dict[str, Callable[..., nn.Module | None]] = {
     "bnkit": _to_bnkit,
     "torch": _to_torch,
     "frozen": _to_frozen,
     "sync": _to_sync,
+    "renorm": _to_variant((bnv.BatchRenorm1d, bnv.BatchRenorm2d, bnv.BatchRenorm3d), "renorm"),
+    "ghost": _to_variant(
+        (bnv.GhostBatchNorm1d, bnv.GhostBatchNorm2d, bnv.GhostBatchNorm3d), "ghost"
+    ),
 }
 
 
@@ -150,7 +186,12 @@ def _swap(
 
 
 def convert(
-    model: nn.Module, to: str = "bnkit", *, process_group: Any = None, sync_rank: int = 2
+    model: nn.Module,
+    to: str = "bnkit",
+    *,
+    process_group: Any = None,
+    sync_rank: int = 2,
+    **options: Any,
 ) -> nn.Module:
     """Swap every BatchNorm in ``model`` for the kind ``to`` names, keeping its state.
 
@@ -164,6 +205,8 @@ def convert(
         process_group: the group for ``to="sync"`` (default: the whole world).
         sync_rank: 1, 2 or 3: the BatchNorm{1,2,3}d a SyncBatchNorm becomes when it was not
             made by ``convert`` (which remembers the original kind).
+        options: constructor options of the target, for ``to="renorm"`` (``rmax``, ``dmax``,
+            ``warmup_steps``, ``relax_steps``) and ``to="ghost"`` (``virtual_batch_size``).
 
     Returns:
         The converted model. Its outputs equal the original's up to float rounding.
@@ -174,4 +217,8 @@ def convert(
         raise ValueError(f"convert: unknown target to={to!r}; expected one of {sorted(TARGETS)}")
     if sync_rank not in (1, 2, 3):
         raise ValueError(f"convert: sync_rank must be 1, 2 or 3, got {sync_rank!r}")
-    return _swap(model, TARGETS[to], "", process_group=process_group, sync_rank=sync_rank)
+    if options and to not in ("renorm", "ghost"):
+        raise TypeError(f"convert: options {sorted(options)} apply to to='renorm'/'ghost' only")
+    return _swap(
+        model, TARGETS[to], "", process_group=process_group, sync_rank=sync_rank, options=options
+    )
