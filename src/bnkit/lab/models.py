@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -10,7 +11,7 @@ import bnkit
 
 __all__ = ["BN_KINDS", "mlp", "lenet", "bn_factory"]
 
-BN_KINDS = ("bnkit", "torch", "none")
+BN_KINDS = ("bnkit", "torch", "none", "renorm", "groupnorm")
 
 
 def bn_factory(kind: str, dims: int, **kwargs: object) -> Callable[[int], nn.Module]:
@@ -20,6 +21,11 @@ def bn_factory(kind: str, dims: int, **kwargs: object) -> Callable[[int], nn.Mod
     """
     if kind == "none":
         return lambda c: nn.Identity()
+    if kind == "groupnorm":  # per-sample statistics: independent of the batch size
+        return lambda c: nn.GroupNorm(math.gcd(c, 4), c)
+    if kind == "renorm":
+        cls_r = getattr(bnkit, f"BatchRenorm{dims}d")
+        return lambda c: cls_r(c, **kwargs)
     mod = bnkit if kind == "bnkit" else nn
     if kind not in ("bnkit", "torch"):
         raise ValueError(f"unknown BatchNorm kind {kind!r}; expected one of {BN_KINDS}")

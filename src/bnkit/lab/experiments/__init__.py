@@ -9,10 +9,20 @@ from bnkit.lab.experiments import (
     freezing,
     running_stats,
     scratch_vs_builtin,
+    small_batch,
     with_without,
 )
 
-ALL = [with_without, scratch_vs_builtin, running_stats, freezing, batch_size, conformance, cost]
+ALL = [
+    with_without,
+    scratch_vs_builtin,
+    running_stats,
+    freezing,
+    batch_size,
+    small_batch,
+    conformance,
+    cost,
+]
 NAMES = [m.NAME for m in ALL]
 
 __all__ = ["ALL", "NAMES"]
