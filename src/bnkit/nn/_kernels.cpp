@@ -168,7 +168,7 @@ void channel_sums(const T* x, const T* other, const Layout& lo, const double* s,
 // out = k_x * (x - s) + k_o * other + k_0, per channel (other may be null).
 template <typename T>
 void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const double* s,
-                    const double* kx, const double* ko, const double* k0) {
+                    const double* kx, const double* ko, const double* k0, bool reverse) {
   const int64_t C = lo.C;
   std::vector<T> vs(C), vx(C), vo(C), v0(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -200,13 +200,14 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
   const T* px = vx.data();
   const T* po = vo.data();
   const T* p0 = v0.data();
-  // Same row split as channel_sums, walked backwards: the rows a thread read last in the
-  // statistics pass are still in cache when the output pass starts.
+  // Same row split as channel_sums; after a statistics pass (reverse = true) it is walked
+  // backwards, so that the rows a thread read last are still in cache.
   const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (lo.R + 255) / 256));
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
    for (int64_t t = t0; t < t1; ++t) {
     const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
-    for (int64_t r = r1 - 1; r >= r0; --r) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t r = reverse ? r1 - 1 - (i - r0) : i;
       const T* xp = x + r * C;
       T* yp = out + r * C;
       if (other) {
@@ -359,7 +360,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
     double unused = 0;
     for (int64_t c = 0; c < C; ++c) coef(c, s1[c], s2[c], s[c], &kx[c], &unused, &k0[c]);
     channel_affine<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), lo, s.data(), kx.data(),
-                             nullptr, k0.data());
+                             nullptr, k0.data(), true);
   });
   return {y, mean, var};
 }
@@ -410,7 +411,8 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
     channel_sums<scalar_t>(xp, gp, lo, s.data(), sg.data(), sgd.data());
     for (int64_t c = 0; c < C; ++c) coef(c, sg[c], sgd[c], s[c], &kx[c], &ko[c], &k0[c]);
     if (outp) {
-      channel_affine<scalar_t>(xp, gp, outp, lo, s.data(), kx.data(), ko.data(), k0.data());
+      channel_affine<scalar_t>(xp, gp, outp, lo, s.data(), kx.data(), ko.data(), k0.data(),
+                               true);
     }
   });
   return {gx, gxhat, gsum};
@@ -427,7 +429,7 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_eval", [&] {
     channel_affine<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), lo,
                              md.data_ptr<double>(), sd.data_ptr<double>(), nullptr,
-                             hd.data_ptr<double>());
+                             hd.data_ptr<double>(), false);
   });
   return y;
 }

@@ -19,6 +19,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ _lock = threading.Lock()
 _module: Any = None
 _failed: str | None = None
 _choice: str | None = None
+_STALE_LOCK_S = 600.0
 
 
 def _env_choice() -> str:
@@ -68,6 +70,11 @@ def _build() -> Any:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = f"bnkit_cpu_{digest}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    lock = build_dir / "lock"
+    # A build interrupted by Ctrl-C or a kill leaves torch's lock file behind, and every
+    # later build would wait on it forever: a lock older than any real build is stale.
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     if not any(build_dir.glob("*.so")):
         print(
             "bnkit: building the CPU fast path once (about 30 s; cached on disk)", file=sys.stderr

@@ -77,14 +77,17 @@ def run(ctx: Context) -> Section:
     ax.legend()
     plot = ctx.figure("running_stats_distance", fig)
     rows = [[k, v["distance_per_epoch"][-1], v["test_acc_eval"]] for k, v in res.items()]  # type: ignore[index]
-    slow = res["momentum=0.01"]
+    plain = {k: v for k, v in res.items() if "recalibrate" not in k}
+    slow_key = max(plain, key=lambda k: plain[k]["distance_per_epoch"][-1])  # type: ignore[index]
+    slow = res[slow_key]
     fixed = res["momentum=0.01 + recalibrate"]
     summary = (
         "Running statistics are estimates of a moving target: the weights change every step. "
-        f"A small momentum (0.01) lags the most (distance {slow['distance_per_epoch'][-1]:.3f} "  # type: ignore[index]
-        f"at the end, eval accuracy {slow['test_acc_eval']:.1%}); bnkit.recalibrate sets the "
-        f"exact population statistics (distance {fixed['distance_per_epoch'][-1]:.1e}, eval "  # type: ignore[index]
-        f"accuracy {fixed['test_acc_eval']:.1%})."
+        f"Of the three, {slow_key} ends furthest from the true population statistics "
+        f"(distance {slow['distance_per_epoch'][-1]:.3f}, eval accuracy "  # type: ignore[index]
+        f"{slow['test_acc_eval']:.1%}); bnkit.recalibrate sets the exact population "
+        f"statistics (distance {fixed['distance_per_epoch'][-1]:.1e}, eval accuracy "  # type: ignore[index]
+        f"{fixed['test_acc_eval']:.1%})."
     )
     return Section(
         NAME,
