@@ -52,22 +52,34 @@ bool usable(const at::Tensor& x) {
   return false;
 }
 
-template <typename T>
-void shifts(const T* x, const Layout& lo, double* s) {
-  // mean of up to kShiftSamples values spread over the channel
+// Offsets (relative to channel 0) of up to kShiftSamples values spread over a channel;
+// computed once per call, so that no channel pays an integer division per sample.
+std::vector<int64_t> sample_offsets(const Layout& lo) {
   const int64_t n = lo.N * lo.L;
   const int64_t k = std::min<int64_t>(kShiftSamples, n);
-  const int64_t step = std::max<int64_t>(1, n / k);
-  for (int64_t c = 0; c < lo.C; ++c) {
-    double acc = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      const int64_t idx = i * step;  // flat index within the channel
-      const int64_t nn = idx / std::max<int64_t>(lo.L, 1), l = idx % std::max<int64_t>(lo.L, 1);
-      const T v = lo.fastest ? x[(nn * lo.L + l) * lo.C + c] : x[(nn * lo.C + c) * lo.L + l];
-      acc += static_cast<double>(v);
-    }
-    s[c] = static_cast<double>(static_cast<T>(acc / k));  // representable in T: x - s exact-ish
+  const int64_t step = std::max<int64_t>(1, n / std::max<int64_t>(k, 1));
+  const int64_t L = std::max<int64_t>(lo.L, 1);
+  std::vector<int64_t> off(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t idx = i * step;  // flat index within the channel: (sample, position)
+    off[i] = lo.fastest ? idx * lo.C : (idx / L) * lo.C * L + idx % L;
   }
+  return off;
+}
+
+// Per-channel shift: the mean of the sampled values, rounded to T so that x - s is exact.
+template <typename T>
+double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& off, int64_t c) {
+  const int64_t base = lo.fastest ? c : c * std::max<int64_t>(lo.L, 1);
+  double acc = 0;
+  for (const int64_t o : off) acc += static_cast<double>(x[o + base]);
+  return static_cast<double>(static_cast<T>(acc / static_cast<double>(off.size())));
+}
+
+template <typename T>
+void shifts(const T* x, const Layout& lo, double* s) {
+  const std::vector<int64_t> off = sample_offsets(lo);
+  for (int64_t c = 0; c < lo.C; ++c) s[c] = channel_shift(x, lo, off, c);
 }
 
 // sum over a channel of f(x) or f(x) * g: (sum d, sum d*e) with d = x - s, e = other or d.
@@ -261,6 +273,7 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
   int64_t cb = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(per_channel, 1));
   cb = std::min<int64_t>(cb, std::max<int64_t>(1, (C + nt - 1) / nt));
   const int64_t nblocks = (C + cb - 1) / cb;
+  const std::vector<int64_t> off = shift_in ? std::vector<int64_t>() : sample_offsets(lo);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> a1(cb), a2(cb), sh(cb), kx(cb), ko(cb), k0(cb);
     std::vector<T> tsh(cb);
@@ -270,15 +283,8 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
         const int64_t c = c0 + j;
         if (shift_in) {
           sh[j] = static_cast<double>(static_cast<T>(shift_in[c]));
-        } else {  // mean of up to kShiftSamples values spread over the channel
-          const int64_t n = N * L, k = std::min<int64_t>(kShiftSamples, n);
-          const int64_t step = std::max<int64_t>(1, n / k);
-          double acc = 0;
-          for (int64_t i = 0; i < k; ++i) {
-            const int64_t idx = i * step;
-            acc += static_cast<double>(x[((idx / L) * C + c) * L + idx % L]);
-          }
-          sh[j] = static_cast<double>(static_cast<T>(acc / k));
+        } else {
+          sh[j] = channel_shift(x, lo, off, c);
         }
         tsh[j] = static_cast<T>(sh[j]);
         a1[j] = 0;
@@ -457,4 +463,23 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
                              hd.data_ptr<double>(), false);
   });
   return y;
+}
+
+// In place: running = (1 - f) * running + f * batch, with the unbiased batch variance
+// var * n / (n - 1); computed in double (functional.update_running_stats, fused).
+void update_running(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
+                    const at::Tensor& var, int64_t n, double f) {
+  at::Tensor md = mean.to(at::kDouble).contiguous(), vd = var.to(at::kDouble).contiguous();
+  const double* mp = md.data_ptr<double>();
+  const double* vp = vd.data_ptr<double>();
+  const double corr = n > 1 ? static_cast<double>(n) / static_cast<double>(n - 1) : 1.0;
+  const int64_t C = running_mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "bnkit_update_running", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(rm[c]) + f * mp[c]);
+      rv[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(rv[c]) + f * vp[c] * corr);
+    }
+  });
 }

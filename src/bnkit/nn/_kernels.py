@@ -82,7 +82,13 @@ def _build() -> Any:
     return cpp_extension.load_inline(
         name=name,
         cpp_sources=[source],
-        functions=["eligible", "forward_train", "backward_train", "forward_eval"],
+        functions=[
+            "eligible",
+            "forward_train",
+            "backward_train",
+            "forward_eval",
+            "update_running",
+        ],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -126,18 +132,25 @@ def available() -> bool:
 
 def usable(x: Tensor) -> Any:
     """The C++ module when ``x`` may take the fast path, else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    if torch.compiler.is_compiling() or _under_functorch(x):
-        return None
-    mod = get()
+    mod = usable_for_buffers(x)
     if mod is None or not mod.eligible(x):
         return None
     return mod
 
 
+def usable_for_buffers(t: Tensor) -> Any:
+    """The C++ module when the CPU tensor ``t`` (any shape) may be handled by it."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    if torch.compiler.is_compiling() or _under_functorch(t):
+        return None
+    return get()
+
+
 def _under_functorch(x: Tensor) -> bool:
+    """Inside a torch.func transform (vmap, grad, ...), whatever the tensor."""
     try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
-    except AttributeError:  # older torch: be safe
+        fc = torch._C._functorch
+        return fc.peek_interpreter_stack() is not None or bool(fc.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # another torch: be safe
         return True

@@ -317,10 +317,6 @@ class _TrainNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        fast = _kernels.usable(x)
-        if fast is not None:
-            y, mean, var = fast.forward_train(x, weight, bias, eps)
-            return y, mean, var
         return _train_forward(x, weight, bias, eps)
 
     @staticmethod
@@ -334,30 +330,54 @@ class _TrainNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
-        x, weight, mean, var = ctx.saved_tensors
-        needs = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            ctx.needs_input_grad[2] and ctx.has_bias,
-        )
-        if torch.is_grad_enabled():
-            # Double backward: the statistics depend on x, so recompute them
-            # differentiably and let autograd differentiate the closed form.
-            xc = x.to(_compute_dtype(x))
-            dims = [0, *range(2, x.dim())]
-            mean = xc.mean(dims).to(var.dtype)
-            var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
-        invstd = _invstd(var, ctx.eps)
-        fast = None if torch.is_grad_enabled() else _kernels.usable(x)
-        if fast is not None:
-            gx, sum_go_xhat, sum_go = fast.backward_train(
-                grad_out, x, weight, mean, invstd, needs[0]
-            )
-            gw = sum_go_xhat.to(weight.dtype) if needs[1] and weight is not None else None
-            gb = sum_go.to(weight.dtype if weight is not None else x.dtype) if needs[2] else None
-            return (gx if needs[0] else None), gw, gb, None
-        gx, gw, gb = _train_backward(grad_out, x, weight, mean, invstd, needs)
-        return gx, gw, gb, None
+        return _train_norm_backward(ctx, grad_out)
+
+
+def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+    """Backward of both training Functions: the fast path's kernel when no graph is being
+    built, else the differentiable closed form with the statistics recomputed from x."""
+    x, weight, mean, var = ctx.saved_tensors
+    needs = (
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.needs_input_grad[2] and ctx.has_bias,
+    )
+    if torch.is_grad_enabled():
+        # Double backward: the statistics depend on x, so recompute them
+        # differentiably and let autograd differentiate the closed form.
+        xc = x.to(_compute_dtype(x))
+        dims = [0, *range(2, x.dim())]
+        mean = xc.mean(dims).to(var.dtype)
+        var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
+    invstd = _invstd(var, ctx.eps)
+    fast = None if torch.is_grad_enabled() else _kernels.usable(x)
+    if fast is not None:
+        gx, sum_go_xhat, sum_go = fast.backward_train(grad_out, x, weight, mean, invstd, needs[0])
+        gw = sum_go_xhat.to(weight.dtype) if needs[1] and weight is not None else None
+        gb = sum_go.to(weight.dtype if weight is not None else x.dtype) if needs[2] else None
+        return (gx if needs[0] else None), gw, gb, None
+    gx, gw, gb = _train_backward(grad_out, x, weight, mean, invstd, needs)
+    return gx, gw, gb, None
+
+
+class _FastTrainNorm(torch.autograd.Function):
+    """:class:`_TrainNorm` on the C++ fast path, as a classic Function (no per-call
+    signature binding; never used under torch.func transforms, which trace the plain one)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, fast: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var = fast.forward_train(x, weight, bias, eps)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
+        return (*_train_norm_backward(ctx, grad_out), None)
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -398,7 +418,11 @@ def normalize_train(
             y = y + bias.to(y.dtype).view(_channel_shape(x))
         empty = torch.zeros(x.shape[1], dtype=_acc_dtype(x), device=x.device)
         return y.to(x.dtype), empty, empty.clone()
-    y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
+    fast = _kernels.usable(x)
+    if fast is not None:
+        y, mean, var = _FastTrainNorm.apply(x, weight, bias, eps, fast)
+    else:
+        y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
     return y, mean, var
 
 
@@ -554,6 +578,19 @@ def _batch_norm(
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         n = input.numel() // input.shape[1]
         with torch.no_grad():
+            fast = (
+                _kernels.usable_for_buffers(running_mean)
+                if running_mean is not None
+                and running_var is not None
+                and running_mean.is_contiguous()
+                and running_var.is_contiguous()
+                and running_var.dtype == running_mean.dtype
+                and not isinstance(momentum, Tensor)
+                else None
+            )
+            if fast is not None:  # the same update, one call instead of ten tensor ops
+                fast.update_running(running_mean, running_var, mean, var, n, float(momentum))
+                return y
             rm = running_mean if running_mean is not None else mean
             rv = running_var if running_var is not None else var
             new_mean, new_var = update_running_stats(rm, rv, mean, var, n, momentum)
