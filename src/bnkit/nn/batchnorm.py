@@ -240,6 +240,7 @@ class _BatchNorm(Module):
             factor,
             self.eps,
             where,
+            checked=True,
         )
 
 

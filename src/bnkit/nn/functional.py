@@ -558,15 +558,21 @@ def _batch_norm(
     momentum: float | Tensor,
     eps: float,
     where: str,
+    checked: bool = False,
 ) -> Tensor:
-    _check_input(input, where)
-    if training:
-        check_batch_size(input.size(), where)
-    check_eps(eps, training, where)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_per_channel(t, name, input, where)
+    if not checked:  # the modules validate rank, channels, batch size and eps themselves
+        _check_input(input, where)
+        if training:
+            check_batch_size(input.size(), where)
+        check_eps(eps, training, where)
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            _check_per_channel(t, name, input, where)
+        _check_per_channel(bias, "bias", input, where)
+    elif not input.is_floating_point():
+        _check_input(input, where)
+    else:
+        _check_per_channel(running_mean, "running_mean", input, where)
     _check_per_channel(weight, "weight", input, where)
-    _check_per_channel(bias, "bias", input, where)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
