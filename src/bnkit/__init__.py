@@ -4,6 +4,7 @@ A from-scratch, drop-in BatchNorm (``BatchNorm1d/2d/3d``, ``functional``) and to
 the ways BatchNorm goes wrong in practice.
 """
 
+from bnkit import functional
 from bnkit.nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -11,7 +12,6 @@ from bnkit.nn import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
-    functional,
 )
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnkit.nn.sync import SyncBatchNorm, check_consistency, resync
