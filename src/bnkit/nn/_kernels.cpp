@@ -353,9 +353,26 @@ bool eligible(const at::Tensor& x) {
          x.dim() >= 2 && x.numel() > 0 && usable(x);
 }
 
+namespace {
+std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
+                                   const c10::optional<at::Tensor>& b, double eps, bool want_y);
+}
+
 // Returns (y, mean, biased var); mean/var float64 of shape (C,).
 std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
                                       const c10::optional<at::Tensor>& b, double eps) {
+  return train_impl(x_in, w, b, eps, true);
+}
+
+// Returns (mean, biased var), float64 (C,): the statistics pass alone.
+std::vector<at::Tensor> stats(const at::Tensor& x_in) {
+  auto r = train_impl(x_in, c10::nullopt, c10::nullopt, 1.0, false);
+  return {r[1], r[2]};
+}
+
+namespace {
+std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
+                                   const c10::optional<at::Tensor>& b, double eps, bool want_y) {
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   const int64_t C = lo.C;
@@ -364,7 +381,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
   at::Tensor mean = at::empty({C}, dopt), var = at::empty({C}, dopt);
   std::vector<double> s(C), s1(C), s2(C), kx(C), k0(C);
   at::Tensor wd = dbl(w, C, 1.0), bd = dbl(b, C, 0.0);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = want_y ? at::empty_like(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_train", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     double* mp = mean.data_ptr<double>();
@@ -383,18 +400,21 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
       *kz = bp[c] - lo_mean * a;
     };
     if (!lo.fastest) {
-      nchw_fused<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), lo, nullptr, coef);
+      nchw_fused<scalar_t>(xp, nullptr, want_y ? y.data_ptr<scalar_t>() : nullptr, lo, nullptr,
+                           coef);
       return;
     }
     shifts(xp, lo, s.data());
     channel_sums<scalar_t>(xp, nullptr, lo, s.data(), s1.data(), s2.data());
     double unused = 0;
     for (int64_t c = 0; c < C; ++c) coef(c, s1[c], s2[c], s[c], &kx[c], &unused, &k0[c]);
+    if (!want_y) return;
     channel_affine<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), lo, s.data(), kx.data(),
                              nullptr, k0.data(), false);
   });
   return {y, mean, var};
 }
+}  // namespace
 
 // Closed-form training backward (see functional._train_backward). Returns
 // (grad_x or undefined, sum(go * xhat) [C, double], sum(go) [C, double]).

@@ -88,6 +88,7 @@ def _build() -> Any:
             "backward_train",
             "forward_eval",
             "update_running",
+            "stats",
         ],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
