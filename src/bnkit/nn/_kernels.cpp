@@ -503,3 +503,26 @@ void update_running(at::Tensor running_mean, at::Tensor running_var, const at::T
     }
   });
 }
+
+// grad_x = ko * go + kx * (x - s) + k0 per channel, s = mean rounded to the input type
+// (the apply step of the training backward when the sums come from elsewhere, e.g. an
+// all_reduce across ranks).
+at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at::Tensor& mean,
+                      const at::Tensor& kx, const at::Tensor& ko, const at::Tensor& k0) {
+  const Layout lo = layout_of(x_in);
+  at::Tensor x = as_layout(x_in, lo.fastest);
+  at::Tensor go = as_layout(go_in.to(x.scalar_type()), lo.fastest);
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor md = mean.to(at::kDouble).contiguous();
+  at::Tensor xd = kx.to(at::kDouble).contiguous(), od = ko.to(at::kDouble).contiguous();
+  at::Tensor zd = k0.to(at::kDouble).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_grad_apply", [&] {
+    std::vector<double> s(lo.C);
+    const double* mp = md.data_ptr<double>();
+    for (int64_t c = 0; c < lo.C; ++c) s[c] = static_cast<double>(static_cast<scalar_t>(mp[c]));
+    channel_affine<scalar_t>(x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
+                             gx.data_ptr<scalar_t>(), lo, s.data(), xd.data_ptr<double>(),
+                             od.data_ptr<double>(), zd.data_ptr<double>(), false);
+  });
+  return gx;
+}

@@ -89,6 +89,7 @@ def _build() -> Any:
             "forward_eval",
             "update_running",
             "stats",
+            "grad_apply",
         ],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],

@@ -276,9 +276,26 @@ def _train_backward(
     """
     shape = _channel_shape(x)
     cdt = _compute_dtype(x)
+    n = x.numel() // x.shape[1] if n is None else n
+    fast = None if torch.is_grad_enabled() or x.numel() == 0 else _kernels.usable(x)
+    if fast is not None and reduce is not None:
+        # The same formulas, with the two passes on the fast path around the reduction.
+        _, sum_go_xhat, sum_go = fast.backward_train(grad_out, x, weight, mean, invstd, False)
+        all_go, all_go_xhat = reduce(sum_go, sum_go_xhat)
+        gx = gw = gb = None
+        if needs[0]:
+            a = invstd if weight is None else weight.to(invstd.dtype) * invstd
+            lo = mean - mean.to(cdt).to(mean.dtype)
+            k_d = -a * invstd * all_go_xhat / n
+            k_0 = -a * all_go / n - k_d * lo
+            gx = fast.grad_apply(grad_out, x, mean, k_d, a, k_0)
+        if needs[1] and weight is not None:
+            gw = sum_go_xhat.to(weight.dtype)
+        if needs[2]:
+            gb = sum_go.to(weight.dtype if weight is not None else cdt)
+        return gx, gw, gb
     go = grad_out.to(cdt)
     xc = x.to(cdt)
-    n = x.numel() // x.shape[1] if n is None else n
     shift = mean.to(cdt)
     d = xc - shift.view(shape)
     lo = mean - shift.to(mean.dtype)  # what the compute-dtype shift missed
