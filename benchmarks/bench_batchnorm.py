@@ -6,16 +6,54 @@ Prints, for every shape/format/case, the median time of each, the ratio bnkit/to
     python benchmarks/bench_batchnorm.py               # all shapes, 2 threads
     python benchmarks/bench_batchnorm.py --threads 1 --repeats 30
     python benchmarks/bench_batchnorm.py --quick
+    python benchmarks/bench_batchnorm.py --allocator tcmalloc
+
+Allocator: with glibc's default malloc every tensor of 32 MiB or more is fresh memory from
+the OS, and writing it first costs a page fault per 4 KiB; that cost is in both columns.
+``--allocator tcmalloc`` (or jemalloc) re-runs the benchmark with that allocator preloaded
+(Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4`` / ``libjemalloc2``), which keeps
+freed memory mapped: the steady state of a long training run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
+import glob
+import os
+import sys
 
 import torch
 
 import bnkit
 from bnkit.lab.timing import QUICK_SHAPES, SHAPES, compare, print_table
+
+_ALLOCATORS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+
+
+def _find_library(kind: str) -> str | None:
+    for name in _ALLOCATORS[kind]:
+        found = ctypes.util.find_library(name)
+        if found:
+            hits = glob.glob(f"/usr/lib*/**/{found}", recursive=True)
+            return hits[0] if hits else found
+    return None
+
+
+def _preload(kind: str) -> None:
+    """Re-execute this script with the allocator ``kind`` in LD_PRELOAD (once)."""
+    if os.environ.get("BNKIT_BENCH_ALLOCATOR") == kind:
+        return
+    lib = _find_library(kind)
+    if lib is None:
+        sys.exit(
+            f"--allocator {kind}: no lib{_ALLOCATORS[kind][0]} found on this machine "
+            f"(Debian/Ubuntu: apt-get install "
+            f"{'libtcmalloc-minimal4' if kind == 'tcmalloc' else 'libjemalloc2'})"
+        )
+    env = dict(os.environ, BNKIT_BENCH_ALLOCATOR=kind)
+    env["LD_PRELOAD"] = " ".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main() -> None:
@@ -23,9 +61,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="small shapes only")
+    ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
     args = ap.parse_args()
+    if args.allocator != "default":
+        _preload(args.allocator)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s)")
+    print(
+        f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
+        f"allocator: {args.allocator if args.allocator != 'default' else 'default (glibc)'}"
+    )
     print_table(compare(QUICK_SHAPES if args.quick else SHAPES, args.repeats))
 
 

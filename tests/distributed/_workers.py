@@ -34,7 +34,10 @@ def global_data(case: dict[str, Any], step: int) -> tuple[torch.Tensor, torch.Te
 
 def _init(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
 
@@ -59,14 +62,22 @@ def run_cases(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 xl = x[lo:hi].clone().requires_grad_()
                 y = bn(xl)
                 y.backward(go[lo:hi])
-                steps.append({
-                    "y": y.detach(), "gx": xl.grad,
-                    "gw": None if bn.weight is None else bn.weight.grad.clone(),
-                    "gb": None if bn.bias is None else bn.bias.grad.clone(),
-                })
+                steps.append(
+                    {
+                        "y": y.detach(),
+                        "gx": xl.grad,
+                        "gw": None if bn.weight is None else bn.weight.grad.clone(),
+                        "gb": None if bn.bias is None else bn.bias.grad.clone(),
+                    }
+                )
                 bn.zero_grad()
-            results.append({"case": ci, "steps": steps, "state": {
-                k: v.clone() for k, v in bn.state_dict().items()}})
+            results.append(
+                {
+                    "case": ci,
+                    "steps": steps,
+                    "state": {k: v.clone() for k, v in bn.state_dict().items()},
+                }
+            )
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
     except Exception:
@@ -112,8 +123,10 @@ def run_consistency_and_recalibrate(rank: int, world: int, init_file: str, out_d
     out["after_resync"] = bnkit.check_consistency(model)
     # every rank recalibrates on its own shard; the result is the global statistics
     g = torch.Generator().manual_seed(rank)
-    shard = [torch.randn(2 + rank, 3, generator=g, dtype=torch.float32) * (rank + 1) + rank
-             for _ in range(3)]
+    shard = [
+        torch.randn(2 + rank, 3, generator=g, dtype=torch.float32) * (rank + 1) + rank
+        for _ in range(3)
+    ]
     bnkit.recalibrate(model, shard, progress=False)
     out["shard"] = shard
     out["running_mean"] = model[1].running_mean.clone()

@@ -32,8 +32,9 @@ def _spawn(fn, world: int, tmp_path: Path) -> list[Path]:
 def _reference(case: dict, step_states: int = 2) -> list[dict]:
     torch.manual_seed(0)
     tail = case["tail"]
-    kind = {1: bnkit.BatchNorm1d, 2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm2d,
-            4: bnkit.BatchNorm3d}[len(tail)]
+    kind = {1: bnkit.BatchNorm1d, 2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm2d, 4: bnkit.BatchNorm3d}[
+        len(tail)
+    ]
     bn = kind(tail[0], **case["kw"]).double()
     if bn.weight is not None:
         with torch.no_grad():
@@ -44,9 +45,14 @@ def _reference(case: dict, step_states: int = 2) -> list[dict]:
         x = x.requires_grad_()
         y = bn(x)
         y.backward(go)
-        out.append({"y": y.detach(), "gx": x.grad,
-                    "gw": None if bn.weight is None else bn.weight.grad.clone(),
-                    "gb": None if bn.bias is None else bn.bias.grad.clone()})
+        out.append(
+            {
+                "y": y.detach(),
+                "gx": x.grad,
+                "gw": None if bn.weight is None else bn.weight.grad.clone(),
+                "gb": None if bn.bias is None else bn.bias.grad.clone(),
+            }
+        )
         bn.zero_grad()
     out.append({k: v.clone() for k, v in bn.state_dict().items()})
     return out
@@ -99,8 +105,12 @@ def test_consistency_check_resync_and_global_recalibrate(tmp_path: Path) -> None
 
 
 def test_convert_to_sync_and_back_keeps_state() -> None:
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3),
-                                torch.nn.Flatten(), torch.nn.BatchNorm1d(27))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.Flatten(),
+        torch.nn.BatchNorm1d(27),
+    )
     model(torch.randn(4, 1, 5, 5) + 1)
     sync = bnkit.convert(model, to="sync")
     assert isinstance(sync[1], bnkit.SyncBatchNorm) and sync[1].sync_name == "1"

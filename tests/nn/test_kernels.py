@@ -15,6 +15,7 @@ def test_backend_choice_and_validation(monkeypatch: pytest.MonkeyPatch, backend:
     with pytest.raises(ValueError, match="backend must be one of"):
         _kernels.set_backend("gpu")
     monkeypatch.setenv("BNKIT_BACKEND", "fast")
+    monkeypatch.setattr(_kernels, "_env_value", None)  # as in a fresh process
     _kernels._choice = None
     with pytest.raises(ValueError, match="BNKIT_BACKEND='fast'"):
         _kernels.backend()
@@ -58,3 +59,63 @@ def test_saved_tensors_no_more_than_torch(backend: str) -> None:
         return total
 
     assert saved_bytes(bnkit.BatchNorm2d(16)) <= saved_bytes(torch.nn.BatchNorm2d(16)) + 16 * 8 * 2
+
+
+_STREAM_CHECK = """
+import torch, bnkit
+from bnkit.nn import _kernels
+from tests.conftest import random_input
+torch.manual_seed(0)
+worst = {torch.float32: 0.0, torch.float64: 0.0}
+# odd sizes: runs that start and end off the 32-byte grid, rows wider than the buffer
+for shape, cl in [((3, 5, 7, 9), False), ((3, 5, 7, 9), True), ((2, 1100, 3, 1), True),
+                  ((37, 1100), False), ((4, 3, 33, 35), False), ((5, 7, 3, 2, 3), True)]:
+    for dtype in (torch.float32, torch.float64):
+        x = random_input(shape).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                             else torch.channels_last_3d)
+        x.requires_grad_()
+        outs = []
+        for backend in ("cpp", "plain"):
+            _kernels.set_backend(backend)
+            torch.manual_seed(1)
+            kind = {2: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}[x.dim()]
+            bn = kind(shape[1]).to(dtype)
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 1.5); bn.bias.uniform_(-1, 1)
+            y = bn(x)
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
+            bn.eval()
+            outs.append((y, gx, bn(x.detach())))
+        for a, b in zip(*outs):
+            err = ((a - b).abs().max() / (1 + b.abs().max())).item()
+            worst[dtype] = max(worst[dtype], err)
+print(worst[torch.float32], worst[torch.float64])
+"""
+
+
+def test_streaming_stores_write_every_value(backend: str) -> None:
+    """The non-temporal-store writer (used for large outputs) on small odd-sized tensors."""
+    if backend != "cpp":
+        pytest.skip("cpp only")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BNKIT_STREAM_BYTES": "0", "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", _STREAM_CHECK], env=env, capture_output=True, text=True, check=True
+    )
+    f32, f64 = map(float, out.stdout.split())
+    assert f32 < 5e-5 and f64 < 1e-12, out.stdout
+
+
+def test_running_stats_update_bumps_version_counter(backend: str) -> None:
+    """The fused update writes through raw pointers; autograd must still see a change."""
+    bn = bnkit.BatchNorm2d(3)
+    before = (bn.running_mean._version, bn.running_var._version)
+    bn(random_input((4, 3, 5, 5)))
+    assert bn.running_mean._version > before[0] and bn.running_var._version > before[1]

@@ -26,9 +26,14 @@ def _renorm_reference(x, w, b, rm, rv, eps, rmax, dmax):
     return xhat * w.view(shape) + b.view(shape)
 
 
-@pytest.mark.parametrize("cls,shape", [(bnkit.BatchRenorm1d, (8, 3)),
-                                       (bnkit.BatchRenorm2d, (4, 3, 3, 2)),
-                                       (bnkit.BatchRenorm3d, (2, 3, 2, 2, 2))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (bnkit.BatchRenorm1d, (8, 3)),
+        (bnkit.BatchRenorm2d, (4, 3, 3, 2)),
+        (bnkit.BatchRenorm3d, (2, 3, 2, 2, 2)),
+    ],
+)
 def test_batch_renorm_matches_the_paper_with_gradients(cls, shape) -> None:
     m = cls(3, rmax=1.5, dmax=0.3).double()
     with torch.no_grad():
@@ -106,8 +111,10 @@ def test_ghost_batchnorm_normalizes_each_virtual_batch(n: int) -> None:
     # gradient: each chunk's BatchNorm gradient
     (y * torch.arange(y.numel()).view_as(y)).sum().backward()
     xr = x.detach().clone().requires_grad_()
-    parts = [bnkit.functional.batch_norm(xr[i : i + 4], None, None, m.weight, m.bias, True)
-             for i in range(0, n, 4)]
+    parts = [
+        bnkit.functional.batch_norm(xr[i : i + 4], None, None, m.weight, m.bias, True)
+        for i in range(0, n, 4)
+    ]
     (torch.cat(parts) * torch.arange(y.numel()).view_as(y)).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=0)
     # running statistics: the exact statistics of the whole batch, as a BatchNorm's
@@ -135,8 +142,9 @@ def test_accumulation_updates_once_with_the_concatenated_statistics(pooled: bool
     statistics match the large batch's exactly; a deeper one sees activations normalized
     per micro-batch, and gets the exact statistics of what it saw."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), bnkit.BatchNorm1d(4), nn.ReLU(),
-                          nn.Linear(4, 2), nn.BatchNorm1d(2)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 4), bnkit.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2), nn.BatchNorm1d(2)
+    ).double()
     big = copy.deepcopy(model)
     x = random_input((12, 3), torch.float64, seed=4)
     big(x)
@@ -183,8 +191,9 @@ def test_variants_work_with_freeze_fold_and_convert() -> None:
 
 
 def test_convert_to_variants_keeps_state_and_back() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(),
-                          nn.Linear(27, 4), nn.BatchNorm1d(4))
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 4), nn.BatchNorm1d(4)
+    )
     model(random_input((8, 1, 5, 5)))
     model.eval()
     x = random_input((3, 1, 5, 5), seed=1)

@@ -99,6 +99,11 @@ def compare(
                         y = m(xi)
                         if case == "train fwd+bwd":
                             y.backward(grad)
+                            # as in training: the input's gradient goes on to the layer
+                            # below and is freed, nothing accumulates across steps
+                            xi.grad = None
+                            for p in m.parameters():
+                                p.grad = None
 
                     sec = median_time(step, repeats)
                     # minimal traffic: fwd reads x, writes y (+1 read for batch stats);

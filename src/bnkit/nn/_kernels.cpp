@@ -14,12 +14,135 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
 constexpr int64_t kChunk = 256;      // values summed in the input type before a flush
-constexpr int64_t kShiftSamples = 64;
+constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fraction of a std of the mean
+
+// Outputs at least this large are written with non-temporal stores: they do not fit in
+// cache anyway, and a normal store would first read every output line from memory
+// (read-for-ownership), a third more traffic for a kernel that is bound by it.
+// BNKIT_STREAM_BYTES overrides it (0: always, a huge value: never).
+int64_t stream_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("BNKIT_STREAM_BYTES");
+    return e != nullptr ? std::atoll(e) : int64_t(8) << 20;
+  }();
+  return v;
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Copies n values from an L1 buffer to dst, non-temporal where dst is vector-aligned;
+// returns how many were written (whole vectors only, unless `all`).
+inline int64_t stream_copy(float* dst, const float* src, int64_t n, bool all) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#elif defined(__SSE2__)
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+#endif
+  if (all)
+    for (; i < n; ++i) dst[i] = src[i];
+  return i;
+}
+inline int64_t stream_copy(double* dst, const double* src, int64_t n, bool all) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+#elif defined(__SSE2__)
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+  for (; i + 2 <= n; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+#endif
+  if (all)
+    for (; i < n; ++i) dst[i] = src[i];
+  return i;
+}
+
+// Writes a contiguous output region front to back. put(n) hands out room for the next n
+// values (n <= kRun): directly in the output when not streaming, else in an L1 buffer
+// that is written out with aligned non-temporal stores (only the region's first and last
+// few values take normal stores). finish() must be called once at the end.
+template <typename T>
+class Writer {
+ public:
+  static constexpr int64_t kRun = 1024;  // most values asked for at once
+  Writer(T* dst, bool stream) : dst_(dst), stream_(stream) {}
+  T* put(int64_t n) {
+    if (!stream_) {
+      T* p = dst_;
+      dst_ += n;
+      return p;
+    }
+    if (fill_ + n > kCap) drain(false);  // leaves fewer than one vector's worth
+    T* p = buf_ + fill_;
+    fill_ += n;
+    return p;
+  }
+  void finish() {
+    if (stream_) {
+      drain(true);
+      stream_fence();
+    }
+  }
+
+ private:
+  void drain(bool all) {
+    const int64_t done = stream_copy(dst_, buf_, fill_, all);
+    dst_ += done;
+    fill_ -= done;
+    if (fill_ > 0) std::memmove(buf_, buf_ + done, static_cast<size_t>(fill_) * sizeof(T));
+  }
+  static constexpr int64_t kCap = kRun + 64 / sizeof(T);
+  T* dst_;
+  bool stream_;
+  int64_t fill_ = 0;
+  alignas(64) T buf_[kCap];
+};
+
+template <typename T>
+bool streaming(int64_t numel) {
+  return numel * static_cast<int64_t>(sizeof(T)) >= stream_bytes();
+}
+
+// The output tensor, like x. Large outputs are fresh memory from the OS (glibc maps every
+// block of 32 MiB or more anew), and the first write to each 4 KiB page faults: for a 50 MB
+// output that costs more than the kernel itself. Asking for transparent huge pages there
+// (what torch's THP_MEM_ALLOC_ENABLE does for every allocation) makes it one fault per
+// 2 MiB. Only the 2 MiB-aligned interior of our own buffer is advised.
+at::Tensor new_output(const at::Tensor& x) {
+  at::Tensor y = at::empty_like(x);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t nbytes = y.numel() * static_cast<int64_t>(y.element_size());
+  if (nbytes >= (int64_t(32) << 20)) {
+    constexpr std::uintptr_t kHuge = std::uintptr_t(2) << 20;
+    const auto p = reinterpret_cast<std::uintptr_t>(y.data_ptr());
+    const std::uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1);
+    const std::uintptr_t e = (p + static_cast<std::uintptr_t>(nbytes)) & ~(kHuge - 1);
+    if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // a hint only
+  }
+#endif
+  return y;
+}
 
 struct Layout {
   bool fastest;  // channels move fastest in memory: (R, C)
@@ -79,7 +202,20 @@ double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& o
 template <typename T>
 void shifts(const T* x, const Layout& lo, double* s) {
   const std::vector<int64_t> off = sample_offsets(lo);
-  for (int64_t c = 0; c < lo.C; ++c) s[c] = channel_shift(x, lo, off, c);
+  if (!lo.fastest) {
+    for (int64_t c = 0; c < lo.C; ++c) s[c] = channel_shift(x, lo, off, c);
+    return;
+  }
+  // channels fastest: the samples are whole rows, summed vectorised over the channels
+  std::vector<double> acc(lo.C, 0.0);
+  double* a = acc.data();
+  for (const int64_t o : off) {
+    const T* xp = x + o;
+#pragma omp simd
+    for (int64_t c = 0; c < lo.C; ++c) a[c] += static_cast<double>(xp[c]);
+  }
+  const double k = static_cast<double>(off.size());
+  for (int64_t c = 0; c < lo.C; ++c) s[c] = static_cast<double>(static_cast<T>(a[c] / k));
 }
 
 // sum over a channel of f(x) or f(x) * g: (sum d, sum d*e) with d = x - s, e = other or d.
@@ -122,71 +258,76 @@ void channel_sums(const T* x, const T* other, const Layout& lo, const double* s,
     });
     return;
   }
-  // channels fastest: rows split across threads, per-thread partials merged at the end.
-  // Within a thread: blocks of rows that fit in L1/L2, and within a block, 16 channels at
-  // a time with their accumulators in registers while the rows stream past.
+  // channels fastest: rows split across threads, each streaming its rows once with
+  // per-channel accumulators in the input type (L1-resident, vectorised over C), flushed
+  // to per-thread float64 partials every kChunk rows; partials merged at the end.
   const int64_t R = lo.R;
   const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
   std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
   std::vector<T> sc(C);
   for (int64_t c = 0; c < C; ++c) sc[c] = static_cast<T>(s[c]);
-  constexpr int64_t kV = 16;
-  const int64_t rows_blk = std::max<int64_t>(
-      16, std::min<int64_t>(kChunk, (32 * 1024) / std::max<int64_t>(1, C * sizeof(T))));
+  // Accumulators 64-byte aligned and padded, so that each vector store forwards cleanly
+  // to the next row's load (a store split across cache lines does not, and costs ~10
+  // cycles a vector); four rows per sweep so that the read-modify-write of the
+  // accumulators is paid once per four rows.
+  const int64_t Cp = (C + 15) / 16 * 16;
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> store(2 * Cp + 64 / sizeof(T));
+    T* b1 = store.data();
+    while (reinterpret_cast<std::uintptr_t>(b1) % 64 != 0) ++b1;
+    T* b2 = b1 + Cp;
+    const T* sh = sc.data();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
       double* p1 = part.data() + t * 2 * C;
       double* p2 = p1 + C;
-      for (int64_t rb = r0; rb < r1; rb += rows_blk) {
-        const int64_t re = std::min(r1, rb + rows_blk);
-        int64_t c0 = 0;
-        for (; c0 + kV <= C; c0 += kV) {
-          T a1[kV], a2[kV], sh[kV];
-          for (int64_t j = 0; j < kV; ++j) {
-            a1[j] = 0;
-            a2[j] = 0;
-            sh[j] = sc[c0 + j];
-          }
-          for (int64_t r = rb; r < re; ++r) {
-            const T* xp = x + r * C + c0;
-            if (other) {
-              const T* op = other + r * C + c0;
-#pragma omp simd
-              for (int64_t j = 0; j < kV; ++j) {
-                a1[j] += op[j];
-                a2[j] += op[j] * (xp[j] - sh[j]);
-              }
-            } else {
-#pragma omp simd
-              for (int64_t j = 0; j < kV; ++j) {
-                const T d = xp[j] - sh[j];
-                a1[j] += d;
-                a2[j] += d * d;
-              }
+      for (int64_t rb = r0; rb < r1; rb += kChunk) {
+        const int64_t re = std::min(r1, rb + kChunk);
+        std::fill(b1, b1 + 2 * Cp, T(0));
+        int64_t r = rb;
+        for (; r + 4 <= re; r += 4) {
+          const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+          if (other) {
+            const T *o0 = other + r * C, *o1 = o0 + C, *o2 = o1 + C, *o3 = o2 + C;
+#pragma omp simd aligned(b1, b2 : 64)
+            for (int64_t c = 0; c < C; ++c) {
+              const T s_ = sh[c];
+              b1[c] += (o0[c] + o1[c]) + (o2[c] + o3[c]);
+              b2[c] += (o0[c] * (x0[c] - s_) + o1[c] * (x1[c] - s_)) +
+                       (o2[c] * (x2[c] - s_) + o3[c] * (x3[c] - s_));
             }
-          }
-          for (int64_t j = 0; j < kV; ++j) {
-            p1[c0 + j] += a1[j];
-            p2[c0 + j] += a2[j];
+          } else {
+#pragma omp simd aligned(b1, b2 : 64)
+            for (int64_t c = 0; c < C; ++c) {
+              const T s_ = sh[c];
+              const T d0 = x0[c] - s_, d1 = x1[c] - s_, d2 = x2[c] - s_, d3 = x3[c] - s_;
+              b1[c] += (d0 + d1) + (d2 + d3);
+              b2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
           }
         }
-        for (; c0 < C; ++c0) {  // the last C % 16 channels
-          T b1 = 0, b2 = 0;
-          const T shc = sc[c0];
-          for (int64_t r = rb; r < re; ++r) {
-            const T v = x[r * C + c0];
-            if (other) {
-              const T o = other[r * C + c0];
-              b1 += o;
-              b2 += o * (v - shc);
-            } else {
-              b1 += v - shc;
-              b2 += (v - shc) * (v - shc);
+        for (; r < re; ++r) {
+          const T* xp = x + r * C;
+          if (other) {
+            const T* op = other + r * C;
+#pragma omp simd aligned(b1, b2 : 64)
+            for (int64_t c = 0; c < C; ++c) {
+              b1[c] += op[c];
+              b2[c] += op[c] * (xp[c] - sh[c]);
+            }
+          } else {
+#pragma omp simd aligned(b1, b2 : 64)
+            for (int64_t c = 0; c < C; ++c) {
+              const T d = xp[c] - sh[c];
+              b1[c] += d;
+              b2[c] += d * d;
             }
           }
-          p1[c0] += b1;
-          p2[c0] += b2;
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          p1[c] += static_cast<double>(b1[c]);
+          p2[c] += static_cast<double>(b2[c]);
         }
       }
     }
@@ -207,6 +348,7 @@ template <typename T>
 void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const double* s,
                     const double* kx, const double* ko, const double* k0, bool reverse) {
   const int64_t C = lo.C;
+  const bool stream = streaming<T>(lo.R * C);
   std::vector<T> vs(C), vx(C), vo(C), v0(C);
   for (int64_t c = 0; c < C; ++c) {
     vs[c] = static_cast<T>(s[c]);
@@ -214,49 +356,66 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
     vo[c] = ko ? static_cast<T>(ko[c]) : T(0);
     v0[c] = static_cast<T>(k0[c]);
   }
-  if (!lo.fastest) {
-    at::parallel_for(0, lo.N * C, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = i % C;
-        const T a = vx[c], b = vo[c], z = v0[c], sh = vs[c];
-        const T* xp = x + i * lo.L;
-        T* yp = out + i * lo.L;
+  // one contiguous run of n values with per-channel coefficients from index c
+  auto run = [&](Writer<T>& w, int64_t off, int64_t n, int64_t c, bool per_value_channel) {
+    for (int64_t i0 = 0; i0 < n; i0 += Writer<T>::kRun) {
+      const int64_t m = std::min(Writer<T>::kRun, n - i0);
+      T* yp = w.put(m);
+      const T* xp = x + off + i0;
+      if (per_value_channel) {  // channels fastest: value i is channel c + i0 + i
+        const T *ps = vs.data() + c + i0, *px = vx.data() + c + i0;
+        const T *po = vo.data() + c + i0, *p0 = v0.data() + c + i0;
         if (other) {
-          const T* op = other + i * lo.L;
+          const T* op = other + off + i0;
 #pragma omp simd
-          for (int64_t l = 0; l < lo.L; ++l) yp[l] = (xp[l] - sh) * a + op[l] * b + z;
+          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - ps[i]) * px[i] + op[i] * po[i] + p0[i];
         } else {
 #pragma omp simd
-          for (int64_t l = 0; l < lo.L; ++l) yp[l] = (xp[l] - sh) * a + z;
+          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - ps[i]) * px[i] + p0[i];
+        }
+      } else {  // NCHW: the whole run is channel c
+        const T a = vx[c], b = vo[c], z = v0[c], sh = vs[c];
+        if (other) {
+          const T* op = other + off + i0;
+#pragma omp simd
+          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - sh) * a + op[i] * b + z;
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - sh) * a + z;
         }
       }
+    }
+  };
+  if (!lo.fastest) {
+    // runs (n, c) in order: a thread's range of runs is one contiguous output region
+    at::parallel_for(0, lo.N * C, 1, [&](int64_t i0, int64_t i1) {
+      Writer<T> w(out + i0 * lo.L, stream);
+      for (int64_t i = i0; i < i1; ++i) run(w, i * lo.L, lo.L, i % C, false);
+      w.finish();
     });
     return;
   }
-  const T* ps = vs.data();
-  const T* px = vx.data();
-  const T* po = vo.data();
-  const T* p0 = v0.data();
-  // Same row split as channel_sums; after a statistics pass (reverse = true) it is walked
-  // backwards, so that the rows a thread read last are still in cache.
+  // Same row split as channel_sums. After a statistics pass (reverse = true) the blocks
+  // of rows are taken last to first, so that the rows a thread read last are still in
+  // cache; each block is written front to back.
   const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (lo.R + 255) / 256));
+  const int64_t blk = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, C * sizeof(T)));
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
-    for (int64_t i = r0; i < r1; ++i) {
-      const int64_t r = reverse ? r1 - 1 - (i - r0) : i;
-      const T* xp = x + r * C;
-      T* yp = out + r * C;
-      if (other) {
-        const T* op = other + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yp[c] = (xp[c] - ps[c]) * px[c] + op[c] * po[c] + p0[c];
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yp[c] = (xp[c] - ps[c]) * px[c] + p0[c];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
+      const int64_t nb = (r1 - r0 + blk - 1) / blk;
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t b = reverse ? nb - 1 - k : k;
+        const int64_t rb = r0 + b * blk, re = std::min(r1, rb + blk);
+        Writer<T> w(out + rb * C, stream);
+        for (int64_t r = rb; r < re; ++r) {
+          for (int64_t c0 = 0; c0 < C; c0 += Writer<T>::kRun) {
+            run(w, r * C + c0, std::min(Writer<T>::kRun, C - c0), c0, true);
+          }
+        }
+        w.finish();
       }
     }
-   }
   });
 }
 
@@ -273,6 +432,7 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
   int64_t cb = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(per_channel, 1));
   cb = std::min<int64_t>(cb, std::max<int64_t>(1, (C + nt - 1) / nt));
   const int64_t nblocks = (C + cb - 1) / cb;
+  const bool stream = streaming<T>(N * C * L);
   const std::vector<int64_t> off = shift_in ? std::vector<int64_t>() : sample_offsets(lo);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> a1(cb), a2(cb), sh(cb), kx(cb), ko(cb), k0(cb);
@@ -321,29 +481,76 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
       for (int64_t j = 0; j < m; ++j) coef(c0 + j, a1[j], a2[j], sh[j], &kx[j], &ko[j], &k0[j]);
       if (!out) continue;
       for (int64_t nn = 0; nn < N; ++nn) {
+        Writer<T> w(out + (nn * C + c0) * L, stream);
         for (int64_t j = 0; j < m; ++j) {
           const int64_t off = (nn * C + c0 + j) * L;
-          const T* xp = x + off;
-          T* yp = out + off;
           const T sc = tsh[j], a = static_cast<T>(kx[j]), z = static_cast<T>(k0[j]);
-          if (other) {
-            const T* op = other + off;
-            const T bo = static_cast<T>(ko[j]);
+          const T bo = static_cast<T>(ko[j]);
+          for (int64_t l0 = 0; l0 < L; l0 += Writer<T>::kRun) {
+            const int64_t cnt = std::min(Writer<T>::kRun, L - l0);
+            T* yp = w.put(cnt);
+            const T* xp = x + off + l0;
+            if (other) {
+              const T* op = other + off + l0;
 #pragma omp simd
-            for (int64_t l = 0; l < L; ++l) yp[l] = (xp[l] - sc) * a + op[l] * bo + z;
-          } else {
+              for (int64_t l = 0; l < cnt; ++l) yp[l] = (xp[l] - sc) * a + op[l] * bo + z;
+            } else {
 #pragma omp simd
-            for (int64_t l = 0; l < L; ++l) yp[l] = (xp[l] - sc) * a + z;
+              for (int64_t l = 0; l < cnt; ++l) yp[l] = (xp[l] - sc) * a + z;
+            }
           }
         }
+        w.finish();
       }
     }
   });
 }
 
-at::Tensor dbl(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
-  if (t.has_value() && t->defined()) return t->to(at::kDouble).contiguous();
-  return at::full({C}, fill, at::TensorOptions().dtype(at::kDouble));
+// A per-channel tensor (any float dtype, any stride) as C doubles; `fill` when absent.
+std::vector<double> doubles(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+  std::vector<double> out(static_cast<size_t>(C), fill);
+  if (!t.has_value() || !t->defined()) return out;
+  const at::Tensor& v = *t;
+  if (v.scalar_type() == at::kFloat && v.is_contiguous()) {
+    const float* p = v.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<double>(p[c]);
+  } else if (v.scalar_type() == at::kDouble && v.is_contiguous()) {
+    std::memcpy(out.data(), v.data_ptr<double>(), static_cast<size_t>(C) * sizeof(double));
+  } else {
+    const at::Tensor d = v.to(at::kDouble).contiguous();
+    std::memcpy(out.data(), d.data_ptr<double>(), static_cast<size_t>(C) * sizeof(double));
+  }
+  return out;
+}
+
+// C doubles as a tensor of the given dtype.
+at::Tensor tensor_of(const std::vector<double>& v, at::ScalarType dtype) {
+  const int64_t C = static_cast<int64_t>(v.size());
+  at::Tensor t = at::empty({C}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bnkit_tensor_of", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(v[c]);
+  });
+  return t;
+}
+
+// In place: running = (1 - f) * running + f * batch, with the unbiased batch variance
+// var * n / (n - 1); in double (functional.update_running_stats).
+void update_running_impl(at::Tensor& running_mean, at::Tensor& running_var, const double* mp,
+                         const double* vp, int64_t n, double f) {
+  const double corr = n > 1 ? static_cast<double>(n) / static_cast<double>(n - 1) : 1.0;
+  const int64_t C = running_mean.numel();
+  // written through raw pointers: tell autograd's version counter, as an in-place op would
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "bnkit_update_running", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(rm[c]) + f * mp[c]);
+      rv[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(rv[c]) + f * vp[c] * corr);
+    }
+  });
 }
 
 }  // namespace
@@ -358,10 +565,20 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
                                    const c10::optional<at::Tensor>& b, double eps, bool want_y);
 }
 
-// Returns (y, mean, biased var); mean/var float64 of shape (C,).
+// Returns (y, mean, biased var); mean/var float64 of shape (C,). With running buffers
+// (contiguous, one float dtype: the caller checks), also updates them in place with
+// factor f (update_running).
 std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
-                                      const c10::optional<at::Tensor>& b, double eps) {
-  return train_impl(x_in, w, b, eps, true);
+                                      const c10::optional<at::Tensor>& b, double eps,
+                                      c10::optional<at::Tensor> running_mean,
+                                      c10::optional<at::Tensor> running_var, double f) {
+  auto r = train_impl(x_in, w, b, eps, true);
+  if (running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
+      running_var->defined()) {
+    update_running_impl(*running_mean, *running_var, r[1].data_ptr<double>(),
+                        r[2].data_ptr<double>(), x_in.numel() / x_in.size(1), f);
+  }
+  return r;
 }
 
 // Returns (mean, biased var), float64 (C,): the statistics pass alone.
@@ -380,14 +597,15 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
   auto dopt = at::TensorOptions().dtype(at::kDouble);
   at::Tensor mean = at::empty({C}, dopt), var = at::empty({C}, dopt);
   std::vector<double> s(C), s1(C), s2(C), kx(C), k0(C);
-  at::Tensor wd = dbl(w, C, 1.0), bd = dbl(b, C, 0.0);
-  at::Tensor y = want_y ? at::empty_like(x) : at::Tensor();
+  const std::vector<double> wd = want_y ? doubles(w, C, 1.0) : std::vector<double>(C, 1.0);
+  const std::vector<double> bd = want_y ? doubles(b, C, 0.0) : std::vector<double>(C, 0.0);
+  at::Tensor y = want_y ? new_output(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_train", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     double* mp = mean.data_ptr<double>();
     double* vp = var.data_ptr<double>();
-    const double* wp = wd.data_ptr<double>();
-    const double* bp = bd.data_ptr<double>();
+    const double* wp = wd.data();
+    const double* bp = bd.data();
     auto coef = [&](int64_t c, double a1, double a2, double sh, double* ka, double* ko,
                     double* kz) {
       const double lo_mean = a1 / n;
@@ -416,31 +634,37 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
 }
 }  // namespace
 
-// Closed-form training backward (see functional._train_backward). Returns
-// (grad_x or undefined, sum(go * xhat) [C, double], sum(go) [C, double]).
+// Closed-form training backward (see functional._train_backward). `stat` is the biased
+// batch variance (invstd = 1 / sqrt(var + eps)), or invstd itself when `is_invstd`.
+// Returns (grad_x or undefined, sum(go * xhat), sum(go)): the sums as float64 when
+// `raw_sums`, else as the weight and bias gradients (weight's dtype; x's without weight).
 std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor& x_in,
                                        const c10::optional<at::Tensor>& w, const at::Tensor& mean,
-                                       const at::Tensor& invstd, bool need_gx) {
+                                       const at::Tensor& stat, double eps, bool is_invstd,
+                                       bool need_gx, bool raw_sums) {
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
-  at::Tensor go = as_layout(go_in.to(x.scalar_type()), lo.fastest);
+  at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
+                                                                     : go_in.to(x.scalar_type()),
+                            lo.fastest);
   const int64_t C = lo.C;
   const double n = static_cast<double>(lo.N * lo.L);
-  auto dopt = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor gsum = at::empty({C}, dopt), gxhat = at::empty({C}, dopt);
-  at::Tensor md = mean.to(at::kDouble).contiguous(), id = invstd.to(at::kDouble).contiguous();
-  at::Tensor wd = dbl(w, C, 1.0);
+  std::vector<double> gsum(C), gxhat(C);
+  const std::vector<double> md = doubles(mean, C, 0.0), wd = doubles(w, C, 1.0);
+  std::vector<double> id = doubles(stat, C, 1.0);
+  if (!is_invstd)
+    for (int64_t c = 0; c < C; ++c) id[c] = 1.0 / std::sqrt(id[c] + eps);
   at::Tensor gx;
-  if (need_gx) gx = at::empty_like(x);
+  if (need_gx) gx = new_output(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_backward_train", [&] {
     std::vector<double> s(C), sg(C), sgd(C), kx(C), ko(C), k0(C);
-    const double* mp = md.data_ptr<double>();
+    const double* mp = md.data();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = go.data_ptr<scalar_t>();
-    const double* ip = id.data_ptr<double>();
-    const double* wp = wd.data_ptr<double>();
-    double* gs = gsum.data_ptr<double>();
-    double* gh = gxhat.data_ptr<double>();
+    const double* ip = id.data();
+    const double* wp = wd.data();
+    double* gs = gsum.data();
+    double* gh = gxhat.data();
     auto coef = [&](int64_t c, double a1, double a2, double sh, double* ka, double* ko_,
                     double* kz) {
       const double lo_c = mp[c] - sh;  // what the rounded shift missed
@@ -466,42 +690,38 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
                                true);
     }
   });
-  return {gx, gxhat, gsum};
+  if (raw_sums) return {gx, tensor_of(gxhat, at::kDouble), tensor_of(gsum, at::kDouble)};
+  const bool has_w = w.has_value() && w->defined();
+  const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
+  return {gx, has_w ? tensor_of(gxhat, pdt) : at::Tensor(), tensor_of(gsum, pdt)};
 }
 
-// y = (x - running_mean) * scale + shift per channel; scale/shift float64 (C,).
+// Eval: y = (x - running_mean) * scale + shift per channel, with scale = weight /
+// sqrt(running_var + eps) and shift = bias computed here in double.
 at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
-                        const at::Tensor& scale, const at::Tensor& shift) {
+                        const at::Tensor& running_var, const c10::optional<at::Tensor>& w,
+                        const c10::optional<at::Tensor>& b, double eps) {
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor md = running_mean.to(at::kDouble).contiguous();
-  at::Tensor sd = scale.to(at::kDouble).contiguous(), hd = shift.to(at::kDouble).contiguous();
+  at::Tensor y = new_output(x);
+  const int64_t C = lo.C;
+  const std::vector<double> md = doubles(running_mean, C, 0.0), hd = doubles(b, C, 0.0);
+  std::vector<double> sd = doubles(running_var, C, 1.0);
+  const std::vector<double> wd = doubles(w, C, 1.0);
+  for (int64_t c = 0; c < C; ++c) sd[c] = wd[c] / std::sqrt(sd[c] + eps);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_eval", [&] {
     channel_affine<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), lo,
-                             md.data_ptr<double>(), sd.data_ptr<double>(), nullptr,
-                             hd.data_ptr<double>(), false);
+                             md.data(), sd.data(), nullptr, hd.data(), false);
   });
   return y;
 }
 
-// In place: running = (1 - f) * running + f * batch, with the unbiased batch variance
-// var * n / (n - 1); computed in double (functional.update_running_stats, fused).
+// In place: running = (1 - f) * running + f * batch (unbiased variance); see update_running_impl.
 void update_running(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
                     const at::Tensor& var, int64_t n, double f) {
-  at::Tensor md = mean.to(at::kDouble).contiguous(), vd = var.to(at::kDouble).contiguous();
-  const double* mp = md.data_ptr<double>();
-  const double* vp = vd.data_ptr<double>();
-  const double corr = n > 1 ? static_cast<double>(n) / static_cast<double>(n - 1) : 1.0;
   const int64_t C = running_mean.numel();
-  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "bnkit_update_running", [&] {
-    scalar_t* rm = running_mean.data_ptr<scalar_t>();
-    scalar_t* rv = running_var.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(rm[c]) + f * mp[c]);
-      rv[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(rv[c]) + f * vp[c] * corr);
-    }
-  });
+  const std::vector<double> md = doubles(mean, C, 0.0), vd = doubles(var, C, 0.0);
+  update_running_impl(running_mean, running_var, md.data(), vd.data(), n, f);
 }
 
 // grad_x = ko * go + kx * (x - s) + k0 per channel, s = mean rounded to the input type
@@ -512,17 +732,16 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.to(x.scalar_type()), lo.fastest);
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor md = mean.to(at::kDouble).contiguous();
-  at::Tensor xd = kx.to(at::kDouble).contiguous(), od = ko.to(at::kDouble).contiguous();
-  at::Tensor zd = k0.to(at::kDouble).contiguous();
+  at::Tensor gx = new_output(x);
+  const int64_t C = lo.C;
+  const std::vector<double> md = doubles(mean, C, 0.0), xd = doubles(kx, C, 0.0);
+  const std::vector<double> od = doubles(ko, C, 0.0), zd = doubles(k0, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_grad_apply", [&] {
-    std::vector<double> s(lo.C);
-    const double* mp = md.data_ptr<double>();
-    for (int64_t c = 0; c < lo.C; ++c) s[c] = static_cast<double>(static_cast<scalar_t>(mp[c]));
+    std::vector<double> s(C);
+    for (int64_t c = 0; c < C; ++c) s[c] = static_cast<double>(static_cast<scalar_t>(md[c]));
     channel_affine<scalar_t>(x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
-                             gx.data_ptr<scalar_t>(), lo, s.data(), xd.data_ptr<double>(),
-                             od.data_ptr<double>(), zd.data_ptr<double>(), false);
+                             gx.data_ptr<scalar_t>(), lo, s.data(), xd.data(), od.data(),
+                             zd.data(), false);
   });
   return gx;
 }

@@ -7,10 +7,10 @@ processes load it in well under a second. It needs a C++ compiler; without one, 
 the build fails, bnkit warns once and uses the plain path.
 
 ``BNKIT_BACKEND`` chooses: ``auto`` (default: ``cpp`` where it builds, else ``plain``),
-``cpp`` (fail loudly if it cannot be built), ``plain``. :func:`set_backend` does the same
-from Python. The fast path is used for CPU float32/float64 input that is contiguous or
-channels_last, and not under ``torch.func`` transforms or ``torch.compile`` (which trace
-the plain path).
+``cpp`` (fail loudly if it cannot be built), ``plain``; it is read once, at the first
+BatchNorm call. :func:`set_backend` chooses from Python at any time. The fast path is used
+for CPU float32/float64 input that is contiguous or channels_last, and not under
+``torch.func`` transforms or ``torch.compile`` (which trace the plain path).
 """
 
 from __future__ import annotations
@@ -38,11 +38,17 @@ _choice: str | None = None
 _STALE_LOCK_S = 600.0
 
 
+_env_value: str | None = None  # BNKIT_BACKEND, read once (at the first BatchNorm call)
+
+
 def _env_choice() -> str:
-    value = os.environ.get("BNKIT_BACKEND", "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"BNKIT_BACKEND={value!r}: expected one of {BACKENDS}")
-    return value
+    global _env_value
+    if _env_value is None:
+        value = os.environ.get("BNKIT_BACKEND", "auto").strip().lower() or "auto"
+        if value not in BACKENDS:
+            raise ValueError(f"BNKIT_BACKEND={value!r}: expected one of {BACKENDS}")
+        _env_value = value
+    return _env_value
 
 
 def backend() -> str:
@@ -132,6 +138,9 @@ def available() -> bool:
     return get() is not None
 
 
+FAST_DTYPES = (torch.float32, torch.float64)
+
+
 def usable(x: Tensor) -> Any:
     """The C++ module when ``x`` may take the fast path, else None."""
     mod = usable_for_buffers(x)
@@ -142,7 +151,7 @@ def usable(x: Tensor) -> Any:
 
 def usable_for_buffers(t: Tensor) -> Any:
     """The C++ module when the CPU tensor ``t`` (any shape) may be handled by it."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+    if not t.is_cpu or t.dtype not in FAST_DTYPES:
         return None
     if torch.compiler.is_compiling() or _under_functorch(t):
         return None

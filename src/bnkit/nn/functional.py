@@ -280,7 +280,9 @@ def _train_backward(
     fast = None if torch.is_grad_enabled() or x.numel() == 0 else _kernels.usable(x)
     if fast is not None and reduce is not None:
         # The same formulas, with the two passes on the fast path around the reduction.
-        _, sum_go_xhat, sum_go = fast.backward_train(grad_out, x, weight, mean, invstd, False)
+        _, sum_go_xhat, sum_go = fast.backward_train(
+            grad_out, x, weight, mean, invstd, 0.0, True, False, True
+        )
         all_go, all_go_xhat = reduce(sum_go, sum_go_xhat)
         gx = gw = gb = None
         if needs[0]:
@@ -370,27 +372,42 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         dims = [0, *range(2, x.dim())]
         mean = xc.mean(dims).to(var.dtype)
         var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
-    invstd = _invstd(var, ctx.eps)
-    fast = None if torch.is_grad_enabled() else _kernels.usable(x)
+    fast = None
+    if not torch.is_grad_enabled():
+        fast = ctx.fast if hasattr(ctx, "fast") else _kernels.usable(x)
     if fast is not None:
-        gx, sum_go_xhat, sum_go = fast.backward_train(grad_out, x, weight, mean, invstd, needs[0])
-        gw = sum_go_xhat.to(weight.dtype) if needs[1] and weight is not None else None
-        gb = sum_go.to(weight.dtype if weight is not None else x.dtype) if needs[2] else None
-        return (gx if needs[0] else None), gw, gb, None
+        gx, gw, gb = fast.backward_train(
+            grad_out, x, weight, mean, var, ctx.eps, False, needs[0], False
+        )
+        keep = [g if need else None for g, need in zip((gx, gw, gb), needs, strict=True)]
+        return (*keep, None)
+    invstd = _invstd(var, ctx.eps)
     gx, gw, gb = _train_backward(grad_out, x, weight, mean, invstd, needs)
     return gx, gw, gb, None
 
 
 class _FastTrainNorm(torch.autograd.Function):
     """:class:`_TrainNorm` on the C++ fast path, as a classic Function (no per-call
-    signature binding; never used under torch.func transforms, which trace the plain one)."""
+    signature binding; never used under torch.func transforms, which trace the plain one).
+    ``running`` is ``(running_mean, running_var, factor)`` or None: the kernel updates the
+    buffers in place in the same call (they are not inputs of the graph)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, fast: Any
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        fast: Any,
+        running: tuple[Tensor, Tensor, float] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = fast.forward_train(x, weight, bias, eps)
+        if running is None:
+            y, mean, var = fast.forward_train(x, weight, bias, eps, None, None, 0.0)
+        else:
+            y, mean, var = fast.forward_train(x, weight, bias, eps, *running)
         ctx.eps = eps
+        ctx.fast = fast
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, var)
         ctx.save_for_backward(x, weight, mean, var)
@@ -398,7 +415,7 @@ class _FastTrainNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
-        return (*_train_norm_backward(ctx, grad_out), None)
+        return (*_train_norm_backward(ctx, grad_out), None, None)
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -441,7 +458,7 @@ def normalize_train(
         return y.to(x.dtype), empty, empty.clone()
     fast = _kernels.usable(x)
     if fast is not None:
-        y, mean, var = _FastTrainNorm.apply(x, weight, bias, eps, fast)
+        y, mean, var = _FastTrainNorm.apply(x, weight, bias, eps, fast, None)
     else:
         y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
     return y, mean, var
@@ -461,10 +478,7 @@ class _EvalNorm(torch.autograd.Function):
         running_var: Tensor,
         eps: float,
     ) -> Tensor:
-        invstd = _invstd(running_var.to(torch.float64), eps)
-        scale, shift = _affine(weight, bias, invstd)
-        fast = _kernels.get()
-        y: Tensor = fast.forward_eval(x, running_mean, scale, shift)
+        y: Tensor = _kernels.get().forward_eval(x, running_mean, running_var, weight, bias, eps)
         return y
 
     @staticmethod
@@ -504,20 +518,22 @@ def normalize_eval(
     Differentiable in ``x``, ``weight`` and ``bias`` (and in the statistics, should they
     require grad); the backward is ``grad * weight / sqrt(var + eps)``.
     """
+    stats_grad = running_mean.requires_grad or running_var.requires_grad
+    fast = None if stats_grad else _kernels.usable(x)
+    if fast is not None:
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps)
+            return y
+        return fast.forward_eval(x, running_mean, running_var, weight, bias, eps)
     cdt = _compute_dtype(x)
     shape = _channel_shape(x)
     acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
     invstd = _invstd(running_var.to(acc), eps)
     scale, shift = _affine(weight, bias, invstd)
-    stats_grad = running_mean.requires_grad or running_var.requires_grad
-    fast = None if stats_grad else _kernels.usable(x)
-    if fast is not None:
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)
-        ):
-            y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps)
-            return y
-        return fast.forward_eval(x, running_mean, scale, shift)
     d = x.to(cdt) - running_mean.to(cdt).view(shape)
     y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
     return y.to(x.dtype)
@@ -601,6 +617,22 @@ def _batch_norm(
                 "(training=False); pass training=True to normalize with batch statistics"
             )
         return normalize_eval(input, running_mean, running_var, weight, bias, eps)
+    if (
+        running_mean is not None
+        and running_var is not None
+        and input.numel() > 0
+        and not isinstance(momentum, Tensor)
+        and running_mean.dtype == running_var.dtype
+        and running_mean.dtype in _kernels.FAST_DTYPES
+        and running_mean.is_cpu
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+    ):
+        fast = _kernels.usable(input)
+        if fast is not None:  # one call: statistics, output and the running-stat update
+            running = (running_mean, running_var, float(momentum))
+            y: Tensor = _FastTrainNorm.apply(input, weight, bias, eps, fast, running)[0]
+            return y
     y, mean, var = normalize_train(input, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         n = input.numel() // input.shape[1]
