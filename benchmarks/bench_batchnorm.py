@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
-import glob
 import os
 import sys
 
@@ -32,11 +31,11 @@ _ALLOCATORS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemal
 
 
 def _find_library(kind: str) -> str | None:
+    """The allocator's soname (LD_PRELOAD searches the linker's path for a bare name)."""
     for name in _ALLOCATORS[kind]:
         found = ctypes.util.find_library(name)
         if found:
-            hits = glob.glob(f"/usr/lib*/**/{found}", recursive=True)
-            return hits[0] if hits else found
+            return found
     return None
 
 
