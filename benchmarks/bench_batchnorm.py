@@ -58,7 +58,7 @@ def _preload(kind: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="small shapes only")
     ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
     args = ap.parse_args()

@@ -2,8 +2,9 @@
 
 For every shape and memory format: training forward, training forward+backward and eval
 forward, through the public modules (autograd and output allocation included), median
-time after warm-up, ratio bnkit/torch (< 1 means bnkit is faster), effective bandwidth
-against the minimal traffic, and max abs error vs a float64 reference.
+time after warm-up (the two timed in turn within every repeat), ratio bnkit/torch (< 1
+means bnkit is faster), effective bandwidth against the minimal traffic, and max abs
+error vs a float64 reference.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import torch
 
 from bnkit.tools.convert import convert
 
-__all__ = ["SHAPES", "QUICK_SHAPES", "compare", "median_time", "print_table"]
+__all__ = [
+    "SHAPES",
+    "QUICK_SHAPES",
+    "compare",
+    "median_time",
+    "paired_median_times",
+    "print_table",
+]
 
 SHAPES: list[tuple[int, ...]] = [
     (32, 64, 56, 56),
@@ -40,6 +48,24 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> floa
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def paired_median_times(
+    steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall time of each step, the steps timed in turn within every repeat (the
+    order alternating), so that a slow phase of the machine falls on all of them."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -85,7 +111,7 @@ def compare(
             ref = _reference(x, t)
             nbytes = x.numel() * x.element_size()
             for case in ("train fwd", "train fwd+bwd", "eval fwd"):
-                res = {}
+                steps: dict[str, Callable[[], object]] = {}
                 for name, m in (("torch", t), ("bnkit", b)):
                     m.train(case != "eval fwd")
                     xi = x.detach().requires_grad_(case == "train fwd+bwd")
@@ -105,15 +131,19 @@ def compare(
                             for p in m.parameters():
                                 p.grad = None
 
-                    sec = median_time(step, repeats)
-                    # minimal traffic: fwd reads x, writes y (+1 read for batch stats);
-                    # fwd+bwd additionally reads x, grad and writes grad_x.
-                    traffic = {"train fwd": 3, "train fwd+bwd": 6, "eval fwd": 2}[case] * nbytes
+                    steps[name] = step
+                secs = paired_median_times(steps, repeats)
+                # minimal traffic: fwd reads x, writes y (+1 read for batch stats);
+                # fwd+bwd additionally reads x, grad and writes grad_x.
+                traffic = {"train fwd": 3, "train fwd+bwd": 6, "eval fwd": 2}[case] * nbytes
+                res = {}
+                for name, m in (("torch", t), ("bnkit", b)):
                     err = float("nan")
                     if case == "train fwd":
+                        m.train()
                         with torch.no_grad():
                             err = (m(x).double() - ref).abs().max().item()
-                    res[name] = (sec, traffic / sec / 1e9, err)
+                    res[name] = (secs[name], traffic / secs[name] / 1e9, err)
                 rows.append(
                     {
                         "shape": shape,

@@ -119,6 +119,18 @@ class Writer {
   alignas(64) T buf_[kCap];
 };
 
+// at::parallel_for over [0, n), run on the calling thread when the whole job touches
+// fewer than kInline values: waking the OpenMP team costs more than such a job.
+constexpr int64_t kInline = 1 << 15;
+template <typename F>
+void parallel(int64_t n, int64_t numel, const F& f) {
+  if (numel < kInline || n <= 1) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+  at::parallel_for(0, n, 1, f);
+}
+
 template <typename T>
 bool streaming(int64_t numel) {
   return numel * static_cast<int64_t>(sizeof(T)) >= stream_bytes();
@@ -224,7 +236,7 @@ void channel_sums(const T* x, const T* other, const Layout& lo, const double* s,
                   double* sum2) {
   const int64_t C = lo.C;
   if (!lo.fastest) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    parallel(C, lo.R * C, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const T sc = static_cast<T>(s[c]);
         double a1 = 0, a2 = 0;
@@ -271,7 +283,7 @@ void channel_sums(const T* x, const T* other, const Layout& lo, const double* s,
   // cycles a vector); four rows per sweep so that the read-modify-write of the
   // accumulators is paid once per four rows.
   const int64_t Cp = (C + 15) / 16 * 16;
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+  parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     std::vector<T> store(2 * Cp + 64 / sizeof(T));
     T* b1 = store.data();
     while (reinterpret_cast<std::uintptr_t>(b1) % 64 != 0) ++b1;
@@ -388,7 +400,7 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
   };
   if (!lo.fastest) {
     // runs (n, c) in order: a thread's range of runs is one contiguous output region
-    at::parallel_for(0, lo.N * C, 1, [&](int64_t i0, int64_t i1) {
+    parallel(lo.N * C, lo.R * C, [&](int64_t i0, int64_t i1) {
       Writer<T> w(out + i0 * lo.L, stream);
       for (int64_t i = i0; i < i1; ++i) run(w, i * lo.L, lo.L, i % C, false);
       w.finish();
@@ -400,7 +412,7 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
   // cache; each block is written front to back.
   const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (lo.R + 255) / 256));
   const int64_t blk = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, C * sizeof(T)));
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+  parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
       const int64_t nb = (r1 - r0 + blk - 1) / blk;
@@ -446,7 +458,7 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
   const int64_t nblocks = (C + cb - 1) / cb;
   const bool stream = streaming<T>(N * C * L);
   const std::vector<int64_t> off = shift_in ? std::vector<int64_t>() : sample_offsets(lo);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel(nblocks, N * C * L, [&](int64_t b0, int64_t b1) {
     std::vector<double> a1(cb), a2(cb), sh(cb), kx(cb), ko(cb), k0(cb);
     std::vector<T> tsh(cb);
     for (int64_t blk = b0; blk < b1; ++blk) {
