@@ -652,7 +652,7 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
     for (int64_t c = 0; c < C; ++c) coef(c, s1[c], s2[c], s[c], &kx[c], &unused, &k0[c]);
     if (!want_y) return;
     channel_affine<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), lo, s.data(), kx.data(),
-                             nullptr, k0.data(), false);
+                             nullptr, k0.data(), true);
   });
   return {y, mean, var};
 }
