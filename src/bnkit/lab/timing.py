@@ -4,7 +4,8 @@ For every shape and memory format: training forward, training forward+backward a
 forward, through the public modules (autograd and output allocation included), median
 time after warm-up (the two timed in turn within every repeat), ratio bnkit/torch (< 1
 means bnkit is faster), effective bandwidth against the minimal traffic, and max abs
-error vs a float64 reference.
+error vs a float64 closed form: of the output (train fwd; eval fwd, with each module's
+own running statistics) or of the input gradient (train fwd+bwd).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:
 
 
 def _reference(x: torch.Tensor, m: Any) -> torch.Tensor:
+    """Training-mode output in float64 (differentiable in x when x requires grad)."""
     xd = x.double()
     dims = [0, *range(2, x.dim())]
     shp = [1, -1] + [1] * (x.dim() - 2)
@@ -87,6 +89,29 @@ def _reference(x: torch.Tensor, m: Any) -> torch.Tensor:
     w = m.weight.detach().double().view(shp)
     b = m.bias.detach().double().view(shp)
     return (xd - mean) / torch.sqrt(var + m.eps) * w + b
+
+
+def _error(case: str, m: Any, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Max |result - float64 closed form| of module m for the case: the output (train
+    fwd; eval fwd, with m's own running statistics) or the input gradient (fwd+bwd)."""
+    shp = [1, -1] + [1] * (x.dim() - 2)
+    if case == "eval fwd":
+        m.eval()
+        with torch.no_grad():
+            rm = m.running_mean.double().view(shp)
+            rv = m.running_var.double().view(shp)
+            w, b = m.weight.double().view(shp), m.bias.double().view(shp)
+            ref = (x.double() - rm) / torch.sqrt(rv + m.eps) * w + b
+            return float((m(x).double() - ref).abs().max().item())
+    m.train()
+    if case == "train fwd":
+        with torch.no_grad():
+            return float((m(x).double() - _reference(x, m)).abs().max().item())
+    xi = x.detach().requires_grad_()
+    (gx,) = torch.autograd.grad(m(xi), xi, grad)
+    xd = x.detach().double().requires_grad_()
+    (gref,) = torch.autograd.grad(_reference(xd, m), xd, grad.double())
+    return float((gx.double() - gref).abs().max().item())
 
 
 def compare(
@@ -108,7 +133,6 @@ def compare(
             if cl:
                 grad = grad.contiguous(memory_format=torch.channels_last)
             t, b = _modules(shape)
-            ref = _reference(x, t)
             nbytes = x.numel() * x.element_size()
             for case in ("train fwd", "train fwd+bwd", "eval fwd"):
                 steps: dict[str, Callable[[], object]] = {}
@@ -138,11 +162,7 @@ def compare(
                 traffic = {"train fwd": 3, "train fwd+bwd": 6, "eval fwd": 2}[case] * nbytes
                 res = {}
                 for name, m in (("torch", t), ("bnkit", b)):
-                    err = float("nan")
-                    if case == "train fwd":
-                        m.train()
-                        with torch.no_grad():
-                            err = (m(x).double() - ref).abs().max().item()
+                    err = _error(case, m, x, grad)
                     res[name] = (secs[name], traffic / secs[name] / 1e9, err)
                 rows.append(
                     {

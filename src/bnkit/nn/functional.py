@@ -471,6 +471,7 @@ class _EvalNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
+        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -478,15 +479,13 @@ class _EvalNorm(torch.autograd.Function):
         running_var: Tensor,
         eps: float,
     ) -> Tensor:
+        # a classic Function (ctx in forward): no per-call signature binding; the fast
+        # path is never taken under torch.func transforms, which trace the plain one
         y: Tensor = _kernels.get().forward_eval(x, running_mean, running_var, weight, bias, eps)
-        return y
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, weight, bias, running_mean, running_var, eps = inputs
         ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, running_mean, running_var)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
