@@ -119,3 +119,17 @@ def test_running_stats_update_bumps_version_counter(backend: str) -> None:
     before = (bn.running_mean._version, bn.running_var._version)
     bn(random_input((4, 3, 5, 5)))
     assert bn.running_mean._version > before[0] and bn.running_var._version > before[1]
+
+
+def test_bad_stream_bytes_setting_is_named(backend: str) -> None:
+    if backend != "cpp":
+        pytest.skip("cpp only")
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch, bnkit; bnkit.BatchNorm1d(4)(torch.randn(8, 4) + 3)"
+    env = {**os.environ, "BNKIT_STREAM_BYTES": "8MB"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "BNKIT_STREAM_BYTES='8MB': expected a number of bytes" in out.stderr

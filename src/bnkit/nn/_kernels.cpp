@@ -38,7 +38,12 @@ constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fract
 int64_t stream_bytes() {
   static const int64_t v = [] {
     const char* e = std::getenv("BNKIT_STREAM_BYTES");
-    return e != nullptr ? std::atoll(e) : int64_t(8) << 20;
+    if (e == nullptr || *e == '\0') return int64_t(8) << 20;
+    char* end = nullptr;
+    const long long b = std::strtoll(e, &end, 10);
+    TORCH_CHECK(*end == '\0' && b >= 0, "BNKIT_STREAM_BYTES='", e,
+                "': expected a number of bytes (0: stream every output)");
+    return static_cast<int64_t>(b);
   }();
   return v;
 }
@@ -131,6 +136,13 @@ void parallel(int64_t n, int64_t numel, const F& f) {
   at::parallel_for(0, n, 1, f);
 }
 
+// Threads for a channels-fastest (R, C) pass: rows split in nt contiguous ranges, the
+// same in the statistics pass and the output pass (so the output pass finds its rows in
+// the cache of the thread that read them).
+int row_threads(int64_t R) {
+  return std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
+}
+
 template <typename T>
 bool streaming(int64_t numel) {
   return numel * static_cast<int64_t>(sizeof(T)) >= stream_bytes();
@@ -211,14 +223,11 @@ double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& o
   return static_cast<double>(static_cast<T>(acc / static_cast<double>(off.size())));
 }
 
+// Per-channel shifts of a channels-fastest (R, C) input: the samples are whole rows,
+// summed vectorised over the channels. (NCHW shifts are taken per block in nchw_fused.)
 template <typename T>
-void shifts(const T* x, const Layout& lo, double* s) {
+void row_shifts(const T* x, const Layout& lo, double* s) {
   const std::vector<int64_t> off = sample_offsets(lo);
-  if (!lo.fastest) {
-    for (int64_t c = 0; c < lo.C; ++c) s[c] = channel_shift(x, lo, off, c);
-    return;
-  }
-  // channels fastest: the samples are whole rows, summed vectorised over the channels
   std::vector<double> acc(lo.C, 0.0);
   double* a = acc.data();
   for (const int64_t o : off) {
@@ -230,51 +239,17 @@ void shifts(const T* x, const Layout& lo, double* s) {
   for (int64_t c = 0; c < lo.C; ++c) s[c] = static_cast<double>(static_cast<T>(a[c] / k));
 }
 
-// sum over a channel of f(x) or f(x) * g: (sum d, sum d*e) with d = x - s, e = other or d.
+// Per-channel (sum d, sum d * e) over a channels-fastest (R, C) input, d = x - s and
+// e = other or d. (NCHW sums are taken per block in nchw_fused.)
 template <typename T>
-void channel_sums(const T* x, const T* other, const Layout& lo, const double* s, double* sum1,
-                  double* sum2) {
+void row_sums(const T* x, const T* other, const Layout& lo, const double* s, double* sum1,
+              double* sum2) {
   const int64_t C = lo.C;
-  if (!lo.fastest) {
-    parallel(C, lo.R * C, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const T sc = static_cast<T>(s[c]);
-        double a1 = 0, a2 = 0;
-        for (int64_t n = 0; n < lo.N; ++n) {
-          const T* xp = x + (n * C + c) * lo.L;
-          const T* op = other ? other + (n * C + c) * lo.L : nullptr;
-          for (int64_t l0 = 0; l0 < lo.L; l0 += kChunk) {
-            const int64_t l1 = std::min(lo.L, l0 + kChunk);
-            T b1 = 0, b2 = 0;
-            if (op) {
-#pragma omp simd reduction(+ : b1, b2)
-              for (int64_t l = l0; l < l1; ++l) {
-                b1 += op[l];
-                b2 += op[l] * (xp[l] - sc);
-              }
-            } else {
-#pragma omp simd reduction(+ : b1, b2)
-              for (int64_t l = l0; l < l1; ++l) {
-                const T d = xp[l] - sc;
-                b1 += d;
-                b2 += d * d;
-              }
-            }
-            a1 += b1;
-            a2 += b2;
-          }
-        }
-        sum1[c] = a1;
-        sum2[c] = a2;
-      }
-    });
-    return;
-  }
-  // channels fastest: rows split across threads, each streaming its rows once with
+  // Rows split across threads, each streaming its rows once with
   // per-channel accumulators in the input type (L1-resident, vectorised over C), flushed
   // to per-thread float64 partials every kChunk rows; partials merged at the end.
   const int64_t R = lo.R;
-  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
+  const int nt = row_threads(R);
   std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
   std::vector<T> sc(C);
   for (int64_t c = 0; c < C; ++c) sc[c] = static_cast<T>(s[c]);
@@ -355,6 +330,44 @@ void channel_sums(const T* x, const T* other, const Layout& lo, const double* s,
   }
 }
 
+// The output loops of every kernel: n values of (x - s) * a + o * b + z (o = other, may
+// be null) appended to w, with one channel's scalars for the whole run (NCHW) ...
+template <typename T>
+void affine_run(Writer<T>& w, const T* xp, const T* op, int64_t n, T s, T a, T b, T z) {
+  for (int64_t i0 = 0; i0 < n; i0 += Writer<T>::kRun) {
+    const int64_t m = std::min(Writer<T>::kRun, n - i0);
+    T* yp = w.put(m);
+    const T* x = xp + i0;
+    if (op) {
+      const T* o = op + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - s) * a + o[i] * b + z;
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - s) * a + z;
+    }
+  }
+}
+
+// ... or with per-value scalars, value i being channel i (a channels-fastest row).
+template <typename T>
+void affine_row(Writer<T>& w, const T* xp, const T* op, int64_t C, const T* s, const T* a,
+                const T* b, const T* z) {
+  for (int64_t c0 = 0; c0 < C; c0 += Writer<T>::kRun) {
+    const int64_t m = std::min(Writer<T>::kRun, C - c0);
+    T* yp = w.put(m);
+    const T *x = xp + c0, *ps = s + c0, *pa = a + c0, *pb = b + c0, *pz = z + c0;
+    if (op) {
+      const T* o = op + c0;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - ps[i]) * pa[i] + o[i] * pb[i] + pz[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - ps[i]) * pa[i] + pz[i];
+    }
+  }
+}
+
 // out = k_x * (x - s) + k_o * other + k_0, per channel (other may be null).
 template <typename T>
 void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const double* s,
@@ -368,49 +381,23 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
     vo[c] = ko ? static_cast<T>(ko[c]) : T(0);
     v0[c] = static_cast<T>(k0[c]);
   }
-  // one contiguous run of n values with per-channel coefficients from index c
-  auto run = [&](Writer<T>& w, int64_t off, int64_t n, int64_t c, bool per_value_channel) {
-    for (int64_t i0 = 0; i0 < n; i0 += Writer<T>::kRun) {
-      const int64_t m = std::min(Writer<T>::kRun, n - i0);
-      T* yp = w.put(m);
-      const T* xp = x + off + i0;
-      if (per_value_channel) {  // channels fastest: value i is channel c + i0 + i
-        const T *ps = vs.data() + c + i0, *px = vx.data() + c + i0;
-        const T *po = vo.data() + c + i0, *p0 = v0.data() + c + i0;
-        if (other) {
-          const T* op = other + off + i0;
-#pragma omp simd
-          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - ps[i]) * px[i] + op[i] * po[i] + p0[i];
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - ps[i]) * px[i] + p0[i];
-        }
-      } else {  // NCHW: the whole run is channel c
-        const T a = vx[c], b = vo[c], z = v0[c], sh = vs[c];
-        if (other) {
-          const T* op = other + off + i0;
-#pragma omp simd
-          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - sh) * a + op[i] * b + z;
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < m; ++i) yp[i] = (xp[i] - sh) * a + z;
-        }
-      }
-    }
-  };
   if (!lo.fastest) {
     // runs (n, c) in order: a thread's range of runs is one contiguous output region
     parallel(lo.N * C, lo.R * C, [&](int64_t i0, int64_t i1) {
       Writer<T> w(out + i0 * lo.L, stream);
-      for (int64_t i = i0; i < i1; ++i) run(w, i * lo.L, lo.L, i % C, false);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t c = i % C;
+        affine_run(w, x + i * lo.L, other ? other + i * lo.L : nullptr, lo.L, vs[c], vx[c],
+                   vo[c], v0[c]);
+      }
       w.finish();
     });
     return;
   }
-  // Same row split as channel_sums. After a statistics pass (reverse = true) the blocks
-  // of rows are taken last to first, so that the rows a thread read last are still in
+  // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
+  // rows are taken last to first, so that the rows a thread read last are still in
   // cache; each block is written front to back.
-  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (lo.R + 255) / 256));
+  const int nt = row_threads(lo.R);
   const int64_t blk = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, C * sizeof(T)));
   parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -421,9 +408,8 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
         const int64_t rb = r0 + b * blk, re = std::min(r1, rb + blk);
         Writer<T> w(out + rb * C, stream);
         for (int64_t r = rb; r < re; ++r) {
-          for (int64_t c0 = 0; c0 < C; c0 += Writer<T>::kRun) {
-            run(w, r * C + c0, std::min(Writer<T>::kRun, C - c0), c0, true);
-          }
+          affine_row(w, x + r * C, other ? other + r * C : nullptr, C, vs.data(), vx.data(),
+                     vo.data(), v0.data());
         }
         w.finish();
       }
@@ -508,21 +494,8 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
         Writer<T> w(out + (nn * C + c0) * L, stream);
         for (int64_t j = 0; j < m; ++j) {
           const int64_t off = (nn * C + c0 + j) * L;
-          const T sc = tsh[j], a = static_cast<T>(kx[j]), z = static_cast<T>(k0[j]);
-          const T bo = static_cast<T>(ko[j]);
-          for (int64_t l0 = 0; l0 < L; l0 += Writer<T>::kRun) {
-            const int64_t cnt = std::min(Writer<T>::kRun, L - l0);
-            T* yp = w.put(cnt);
-            const T* xp = x + off + l0;
-            if (other) {
-              const T* op = other + off + l0;
-#pragma omp simd
-              for (int64_t l = 0; l < cnt; ++l) yp[l] = (xp[l] - sc) * a + op[l] * bo + z;
-            } else {
-#pragma omp simd
-              for (int64_t l = 0; l < cnt; ++l) yp[l] = (xp[l] - sc) * a + z;
-            }
-          }
+          affine_run(w, x + off, other ? other + off : nullptr, L, tsh[j],
+                     static_cast<T>(kx[j]), static_cast<T>(ko[j]), static_cast<T>(k0[j]));
         }
         w.finish();
       }
@@ -646,8 +619,8 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
                            coef);
       return;
     }
-    shifts(xp, lo, s.data());
-    channel_sums<scalar_t>(xp, nullptr, lo, s.data(), s1.data(), s2.data());
+    row_shifts(xp, lo, s.data());
+    row_sums<scalar_t>(xp, nullptr, lo, s.data(), s1.data(), s2.data());
     double unused = 0;
     for (int64_t c = 0; c < C; ++c) coef(c, s1[c], s2[c], s[c], &kx[c], &unused, &k0[c]);
     if (!want_y) return;
@@ -707,7 +680,7 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
       return;
     }
     for (int64_t c = 0; c < C; ++c) s[c] = static_cast<double>(static_cast<scalar_t>(mp[c]));
-    channel_sums<scalar_t>(xp, gp, lo, s.data(), sg.data(), sgd.data());
+    row_sums<scalar_t>(xp, gp, lo, s.data(), sg.data(), sgd.data());
     for (int64_t c = 0; c < C; ++c) coef(c, sg[c], sgd[c], s[c], &kx[c], &ko[c], &k0[c]);
     if (outp) {
       channel_affine<scalar_t>(xp, gp, outp, lo, s.data(), kx.data(), ko.data(), k0.data(),
