@@ -278,40 +278,31 @@ def _train_backward(
     cdt = _compute_dtype(x)
     n = x.numel() // x.shape[1] if n is None else n
     fast = None if torch.is_grad_enabled() or x.numel() == 0 else _kernels.usable(x)
-    if fast is not None and reduce is not None:
-        # The same formulas, with the two passes on the fast path around the reduction.
-        _, sum_go_xhat, sum_go = fast.backward_train(
-            grad_out, x, weight, mean, invstd, 0.0, True, False, True
+    lo = mean - mean.to(cdt).to(mean.dtype)  # what the compute-dtype shift missed
+    if fast is not None:
+        # the sums from the fast path (both passes there when nothing is reduced)
+        gx, sum_go_xhat, sum_go = fast.backward_train(
+            grad_out, x, weight, mean, invstd, 0.0, True, needs[0] and reduce is None, True
         )
-        all_go, all_go_xhat = reduce(sum_go, sum_go_xhat)
-        gx = gw = gb = None
-        if needs[0]:
-            a = invstd if weight is None else weight.to(invstd.dtype) * invstd
-            lo = mean - mean.to(cdt).to(mean.dtype)
-            k_d = -a * invstd * all_go_xhat / n
-            k_0 = -a * all_go / n - k_d * lo
-            gx = fast.grad_apply(grad_out, x, mean, k_d, a, k_0)
-        if needs[1] and weight is not None:
-            gw = sum_go_xhat.to(weight.dtype)
-        if needs[2]:
-            gb = sum_go.to(weight.dtype if weight is not None else cdt)
-        return gx, gw, gb
-    go = grad_out.to(cdt)
-    xc = x.to(cdt)
-    shift = mean.to(cdt)
-    d = xc - shift.view(shape)
-    lo = mean - shift.to(mean.dtype)  # what the compute-dtype shift missed
-    sum_go = _channel_sum(go)
-    sum_go_d = _channel_sum(go, d)
-    sum_go_xhat = (sum_go_d - lo * sum_go) * invstd
+    else:
+        go = grad_out.to(cdt)
+        d = x.to(cdt) - mean.to(cdt).view(shape)
+        sum_go = _channel_sum(go)
+        sum_go_xhat = (_channel_sum(go, d) - lo * sum_go) * invstd
     all_go, all_go_xhat = (sum_go, sum_go_xhat) if reduce is None else reduce(sum_go, sum_go_xhat)
-    gx = gw = gb = None
-    if needs[0]:
+    gx_done = fast is not None and reduce is None
+    gw = gb = None
+    if not needs[0]:
+        gx = None
+    elif not gx_done:
         a = invstd if weight is None else weight.to(invstd.dtype) * invstd
         k_d = -a * invstd * all_go_xhat / n  # coefficient of (x - shift)
         k_0 = -a * all_go / n - k_d * lo  # constant per channel
-        gx = go * a.to(cdt).view(shape) + d * k_d.to(cdt).view(shape) + k_0.to(cdt).view(shape)
-        gx = gx.to(x.dtype)
+        if fast is not None:
+            gx = fast.grad_apply(grad_out, x, mean, k_d, a, k_0)
+        else:
+            gx = go * a.to(cdt).view(shape) + d * k_d.to(cdt).view(shape) + k_0.to(cdt).view(shape)
+            gx = gx.to(x.dtype)
     if needs[1] and weight is not None:
         gw = sum_go_xhat.to(weight.dtype)
     if needs[2]:
@@ -372,9 +363,9 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         dims = [0, *range(2, x.dim())]
         mean = xc.mean(dims).to(var.dtype)
         var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
-    fast = None
-    if not torch.is_grad_enabled():
-        fast = ctx.fast if hasattr(ctx, "fast") else _kernels.usable(x)
+    # the Function that ran the forward on the fast path says so (the plain one leaves it
+    # unset: it runs where the fast path is not usable, e.g. under torch.func)
+    fast = None if torch.is_grad_enabled() else getattr(ctx, "fast", None)
     if fast is not None:
         gx, gw, gb = fast.backward_train(
             grad_out, x, weight, mean, var, ctx.eps, False, needs[0], False
@@ -616,39 +607,31 @@ def _batch_norm(
                 "(training=False); pass training=True to normalize with batch statistics"
             )
         return normalize_eval(input, running_mean, running_var, weight, bias, eps)
-    if (
+    # both buffers where the fast path can update them in place
+    fast_buffers = (
         running_mean is not None
         and running_var is not None
-        and input.numel() > 0
         and not isinstance(momentum, Tensor)
         and running_mean.dtype == running_var.dtype
         and running_mean.dtype in _kernels.FAST_DTYPES
         and running_mean.is_cpu
         and running_mean.is_contiguous()
         and running_var.is_contiguous()
-    ):
-        fast = _kernels.usable(input)
-        if fast is not None:  # one call: statistics, output and the running-stat update
-            running = (running_mean, running_var, float(momentum))
-            y: Tensor = _FastTrainNorm.apply(input, weight, bias, eps, fast, running)[0]
-            return y
+    )
+    fast = _kernels.usable(input) if fast_buffers and input.numel() > 0 else None
+    if fast is not None:  # one call: statistics, output and the running-stat update
+        running = (running_mean, running_var, float(momentum))
+        y: Tensor = _FastTrainNorm.apply(input, weight, bias, eps, fast, running)[0]
+        return y
     y, mean, var = normalize_train(input, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         n = input.numel() // input.shape[1]
         with torch.no_grad():
-            fast = (
-                _kernels.usable_for_buffers(running_mean)
-                if running_mean is not None
-                and running_var is not None
-                and running_mean.is_contiguous()
-                and running_var.is_contiguous()
-                and running_var.dtype == running_mean.dtype
-                and not isinstance(momentum, Tensor)
-                else None
-            )
-            if fast is not None:  # the same update, one call instead of ten tensor ops
-                fast.update_running(running_mean, running_var, mean, var, n, float(momentum))
-                return y
+            if fast_buffers and running_mean is not None and running_var is not None:
+                fast = _kernels.usable_for_buffers(running_mean)
+                if fast is not None:  # e.g. half input, float32 buffers: one call
+                    fast.update_running(running_mean, running_var, mean, var, n, float(momentum))
+                    return y
             rm = running_mean if running_mean is not None else mean
             rv = running_var if running_var is not None else var
             new_mean, new_var = update_running_stats(rm, rv, mean, var, n, momentum)
