@@ -76,6 +76,29 @@ Examples::
 """
 
 
+def count_batch(m: Any) -> float:
+    """Count one training batch in ``m.num_batches_tracked`` and return the weight of its
+    statistics in the running average: ``momentum``, or ``1 / count`` for
+    ``momentum=None`` (the cumulative average). Works on torch's BatchNorm too."""
+    m.num_batches_tracked.add_(1)
+    return 1.0 / float(m.num_batches_tracked) if m.momentum is None else float(m.momentum)
+
+
+def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
+    """The running-statistic update of BatchNorm-like ``m`` (torch's rule, counter
+    included) from statistics computed elsewhere: the mean and biased variance of ``n``
+    values per channel (SyncBatchNorm's global batch, Ghost/Renorm, accumulate)."""
+    if not (m.track_running_stats and m.num_batches_tracked is not None):
+        return
+    factor = count_batch(m)
+    if n == 0 or m.running_mean is None or m.running_var is None:
+        return
+    with torch.no_grad():
+        new_m, new_v = F.update_running_stats(m.running_mean, m.running_var, mean, var, n, factor)
+        m.running_mean.copy_(new_m)
+        m.running_var.copy_(new_v)
+
+
 class _BatchNorm(Module):
     """Shared base: parameters, buffers, state_dict versioning and the forward."""
 
@@ -225,9 +248,7 @@ class _BatchNorm(Module):
         F.check_eps(self.eps, bn_training, where)
         factor: float = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+            factor = count_batch(self)
         # Buffers are passed only where they are used or updated.
         track = not self.training or self.track_running_stats
         return F._batch_norm(

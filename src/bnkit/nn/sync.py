@@ -2,7 +2,7 @@
 
 Any backend that implements ``all_gather`` and ``all_reduce`` works (gloo on CPU, NCCL on
 GPU). Forward: one packed ``all_gather`` of ``[layer id, call index, C, count, mean(C),
-M2(C)]`` per call, merged on every rank in rank order with Chan's pairwise formula (so
+var(C)]`` per call, merged on every rank in rank order with Chan's pairwise formula (so
 every rank computes bit-identical statistics, and no ``E[x^2] - E[x]^2`` cancellation);
 the header lets ranks that disagree (a skipped call, a different layer or channel count)
 fail with an error that names the layer and call index instead of hanging, and a
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import _BatchNorm
+from bnkit.nn.batchnorm import _BatchNorm, track_batch
 
 __all__ = ["SyncBatchNorm", "check_consistency", "resync"]
 
@@ -62,20 +62,16 @@ class _SyncNorm(torch.autograd.Function):
         packed[2] = float(c)
         packed[3] = float(n_local)
         packed[_HEADER : _HEADER + c] = mean
-        packed[_HEADER + c :] = var * n_local
+        packed[_HEADER + c :] = var
         gathered = module._gather(packed)
         count: int = 0
-        g_mean, g_m2 = torch.zeros_like(mean), torch.zeros_like(var)
+        g_mean, g_var = torch.zeros_like(mean), torch.zeros_like(var)
         for part in gathered:  # rank order: the same result on every rank
             n_r = int(part[3].item())
-            if n_r == 0:
-                continue
-            m_r = part[_HEADER : _HEADER + c]
-            v_r = part[_HEADER + c :] / n_r
-            cnt, g_mean, g_var = F.merge_stats(count, g_mean, g_m2 / max(count, 1), n_r, m_r, v_r)
-            count = int(cnt)
-            g_m2 = g_var * count
-        g_var = g_m2 / max(count, 1)
+            if n_r > 0:
+                m_r, v_r = part[_HEADER : _HEADER + c], part[_HEADER + c :]
+                cnt, g_mean, g_var = F.merge_stats(count, g_mean, g_var, n_r, m_r, v_r)
+                count = int(cnt)
         if count == 1:
             raise ValueError(
                 f"{module._where()}: Expected more than 1 value per channel when training, got "
@@ -86,7 +82,7 @@ class _SyncNorm(torch.autograd.Function):
             y = torch.empty_like(x)
         else:
             y = F.normalize_eval(x, g_mean, g_var, weight, bias, eps)
-        invstd = torch.rsqrt(g_var + eps)
+        invstd = F._invstd(g_var, eps)
         ctx.save_for_backward(x, weight, g_mean, invstd)
         ctx.count = count
         ctx.module = module
@@ -197,19 +193,8 @@ class SyncBatchNorm(_BatchNorm):
         F.check_eps(self.eps, True, self._where())
         self._calls += 1
         y, mean, var, count_t = _SyncNorm.apply(input, self.weight, self.bias, self.eps, self)
-        count = int(count_t)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
-            if count > 0 and self.running_mean is not None and self.running_var is not None:
-                with torch.no_grad():
-                    new_m, new_v = F.update_running_stats(
-                        self.running_mean, self.running_var, mean, var, count, factor
-                    )
-                    self.running_mean.copy_(new_m)
-                    self.running_var.copy_(new_v)
+        if self.training:
+            track_batch(self, mean, var, int(count_t))
         return y
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import _BatchNorm
+from bnkit.nn.batchnorm import _BatchNorm, track_batch
 
 __all__ = [
     "BatchRenorm1d",
@@ -28,20 +28,6 @@ __all__ = [
     "StatsAccumulator",
     "accumulate",
 ]
-
-
-def _update(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
-    """The module's running-statistic update (torch's rule), counter included."""
-    if not (m.track_running_stats and m.num_batches_tracked is not None):
-        return
-    m.num_batches_tracked.add_(1)
-    if n == 0 or m.running_mean is None or m.running_var is None:
-        return
-    factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-    with torch.no_grad():
-        new_m, new_v = F.update_running_stats(m.running_mean, m.running_var, mean, var, n, factor)
-        m.running_mean.copy_(new_m)
-        m.running_var.copy_(new_v)
 
 
 class _BatchRenorm(_BatchNorm):
@@ -141,7 +127,7 @@ class _BatchRenorm(_BatchNorm):
         if self.bias is not None:
             y = y + self.bias.to(cdt).view(shape)
         n = input.numel() // input.shape[1]
-        _update(self, mean, var, n)
+        track_batch(self, mean, var, n)
         steps: Any = self.renorm_steps
         steps.add_(1)
         return y.to(input.dtype)
@@ -215,9 +201,9 @@ class _GhostBatchNorm(_BatchNorm):
         y = torch.cat(pieces) if len(pieces) > 1 else (pieces[0] if pieces else input * 1.0)
         if self.training and self.track_running_stats and n > 0:
             mean, var = F.batch_stats(input)
-            _update(self, mean, var, input.numel() // input.shape[1])
+            track_batch(self, mean, var, input.numel() // input.shape[1])
         elif self.training and self.track_running_stats:
-            _update(self, torch.zeros(0), torch.zeros(0), 0)
+            track_batch(self, torch.zeros(0), torch.zeros(0), 0)
         return y
 
 
@@ -291,7 +277,7 @@ class StatsAccumulator:
             m.track_running_stats = flag
             if name in self._stats:
                 n, mean, var = self._stats[name]
-                _update(m, mean, var, n)
+                track_batch(m, mean, var, n)
             m.track_running_stats = False  # still inside the context
         self._stats = {}
 
