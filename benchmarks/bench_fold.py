@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.lab.timing import median_time
+from bnkit.lab.timing import paired_median_times
 
 
 class Block(nn.Module):
@@ -68,8 +68,10 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 112, 112)
     folded, report = bnkit.fold(model, x)
     with torch.inference_mode():
-        before = median_time(lambda: model(x), args.repeats)
-        after = median_time(lambda: folded(x), args.repeats)
+        secs = paired_median_times(
+            {"unfolded": lambda: model(x), "folded": lambda: folded(x)}, args.repeats
+        )
+    before, after = secs["unfolded"], secs["folded"]
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}x3x112x112")
     print(
         f"folded {len(report.folded)} of {len(report.layers)} BatchNorms; "

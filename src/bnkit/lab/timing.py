@@ -24,7 +24,6 @@ __all__ = [
     "SHAPES",
     "QUICK_SHAPES",
     "compare",
-    "median_time",
     "paired_median_times",
     "print_table",
 ]
@@ -37,18 +36,6 @@ SHAPES: list[tuple[int, ...]] = [
     (4096, 1024),
 ]
 QUICK_SHAPES: list[tuple[int, ...]] = [(8, 64, 28, 28), (64, 512, 7, 7), (1024, 256)]
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def paired_median_times(
