@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bnkit.tools.conform import closed_form
 from bnkit.tools.convert import convert
 
 __all__ = [
@@ -66,18 +67,6 @@ def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:
     return t, seq[0]
 
 
-def _reference(x: torch.Tensor, m: Any) -> torch.Tensor:
-    """Training-mode output in float64 (differentiable in x when x requires grad)."""
-    xd = x.double()
-    dims = [0, *range(2, x.dim())]
-    shp = [1, -1] + [1] * (x.dim() - 2)
-    mean = xd.mean(dims, keepdim=True)
-    var = ((xd - mean) ** 2).mean(dims, keepdim=True)
-    w = m.weight.detach().double().view(shp)
-    b = m.bias.detach().double().view(shp)
-    return (xd - mean) / torch.sqrt(var + m.eps) * w + b
-
-
 def _error(case: str, m: Any, x: torch.Tensor, grad: torch.Tensor) -> float:
     """Max |result - float64 closed form| of module m for the case: the output (train
     fwd; eval fwd, with m's own running statistics) or the input gradient (fwd+bwd)."""
@@ -93,11 +82,15 @@ def _error(case: str, m: Any, x: torch.Tensor, grad: torch.Tensor) -> float:
     m.train()
     if case == "train fwd":
         with torch.no_grad():
-            return float((m(x).double() - _reference(x, m)).abs().max().item())
+            return float(
+                (m(x).double() - closed_form(x, m.weight, m.bias, m.eps)).abs().max().item()
+            )
     xi = x.detach().requires_grad_()
     (gx,) = torch.autograd.grad(m(xi), xi, grad)
     xd = x.detach().double().requires_grad_()
-    (gref,) = torch.autograd.grad(_reference(xd, m), xd, grad.double())
+    (gref,) = torch.autograd.grad(
+        closed_form(xd, m.weight.detach(), m.bias.detach(), m.eps), xd, grad.double()
+    )
     return float((gx.double() - gref).abs().max().item())
 
 

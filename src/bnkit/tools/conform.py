@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from bnkit.nn import functional as F
 
-__all__ = ["ConformReport", "Probe", "conform"]
+__all__ = ["ConformReport", "Probe", "closed_form", "conform"]
 
 _NAMES = {
     "weight": ("weight", "gamma", "scale", "g"),
@@ -187,7 +187,7 @@ def _d(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().double()
 
 
-def _mistake(
+def closed_form(
     x: Tensor,
     w: Tensor | None,
     b: Tensor | None,
@@ -196,7 +196,8 @@ def _mistake(
     eps_outside: bool = False,
     dims: tuple[int, ...] | None = None,
 ) -> Tensor:
-    """A closed form of a *wrong* BatchNorm (the plain definition when no flag is set)."""
+    """Training-mode BatchNorm in float64, straight from the definition; with a flag set,
+    the closed form of a typical *wrong* BatchNorm (what the probes compare against)."""
     xd = x.double()
     dims = dims or (0, *range(2, x.dim()))
     mean = xd.mean(dims, keepdim=True)
@@ -520,7 +521,7 @@ class _Checker:
         (gx,) = torch.autograd.grad(y, x, go)
         xr = x.detach().double().requires_grad_()
         # autograd of the closed form its forward matches (torch's own when it conforms)
-        ref = _mistake(xr, w, b, 1e-5, **self.forward_form)
+        ref = closed_form(xr, w, b, 1e-5, **self.forward_form)
         (gref,) = torch.autograd.grad(ref, xr, go.double())
         dev = _dev(gx, gref)
         tol = self.tol * 100 * max(1.0, gref.abs().max().item())
@@ -561,9 +562,9 @@ def _explain(
                 "eps_outside": "eps_outside" in combo,
                 "dims": (0,) if "per_element" in combo else None,
             }
-            if _dev(y, _mistake(x, w, b, eps, **flags)) <= tol:
+            if _dev(y, closed_form(x, w, b, eps, **flags)) <= tol:
                 return flags, "; ".join(_MISTAKES[c] for c in combo)
-    if _dev(y, _mistake(x, None, None, eps)) <= tol:
+    if _dev(y, closed_form(x, None, None, eps)) <= tol:
         return {}, "the affine parameters (weight/bias) are not applied"
     return None
 
