@@ -99,6 +99,11 @@ def test_missing_corrupt_and_empty(tmp_path: Path, capsys) -> None:
     bad.write_bytes(bad.read_bytes()[:200])
     assert main(["inspect", str(bad)]) == 2
     assert "corrupt or not a torch file" in capsys.readouterr().err
+    text = tmp_path / "notes.pt"  # not a torch file at all: broken, not "needs --trust"
+    text.write_text("garbage\n")
+    assert main(["inspect", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or not a torch file" in err and "--trust" not in err
     nobn = tmp_path / "nobn.pt"
     torch.save(nn.Linear(2, 2).state_dict(), nobn)
     assert main(["inspect", str(nobn)]) == 2

@@ -58,8 +58,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise ValueError(f"checkpoint {p}: corrupt or not a torch file ({exc})") from exc
+        # torch names the classes it refuses ("Unsupported global"); anything else (e.g.
+        # "Unsupported operand" for bytes that are no pickle at all) is a broken file
+        if "Unsupported global" not in str(exc):
+            first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise ValueError(f"checkpoint {p}: corrupt or not a torch file ({first})") from exc
         if not trust:
             raise ValueError(
                 f"checkpoint {p} holds pickled Python objects (a whole model, not just "
