@@ -33,7 +33,8 @@ def run(ctx: Context) -> Section:
         "Median time of one call through the public modules, bnkit / torch (below 1 means "
         f"bnkit is faster): training forward {geo['train fwd']:.2f}x, forward+backward "
         f"{geo['train fwd+bwd']:.2f}x, eval {geo['eval fwd']:.2f}x (geometric means), using "
-        f"{path}. The errors are max |y - float64 reference|. Timings vary from run to run "
+        f"{path}. The errors are the max deviation from the float64 closed form (of the "
+        "output; of the input gradient for forward+backward). Timings vary from run to run "
         "and are not covered by the seed; benchmarks/bench_batchnorm.py is the full version."
     )
     table = [
