@@ -7,7 +7,7 @@ import torch
 
 import bnkit
 from bnkit.nn import _kernels
-from tests.conftest import random_input, reference_train
+from tests.conftest import random_input, reference_train, reference_train_grads
 
 
 def test_backend_choice_and_validation(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
@@ -42,6 +42,42 @@ def test_mean_1e5_statistics(shape, channels_last, backend: str) -> None:
     y = bn(x)
     y64, _, _ = reference_train(x, None, None, 1e-5)
     assert (y.double() - y64).abs().max().item() < 5e-5  # torch: ~1e-2 on such data
+
+
+# channels-fastest inputs whose rows span several of the kernel's blocks (four streams of
+# >= 16 KiB), a short last block with rows left over, and (C = 3) float32 flushes inside a
+# block; on 1 and 2 threads, so that each thread's row range ends mid-block.
+@pytest.mark.parametrize(
+    "shape", [(13001, 3), (1001, 200), (9, 40, 33, 7), (5, 3, 61, 67)], ids=str
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_fastest_blocks_match_float64(shape, dtype, threads, backend: str) -> None:
+    x = random_input(shape, dtype=dtype, seed=3, channels_last=len(shape) == 4)
+    x.requires_grad_()
+    go = random_input(shape, dtype=dtype, seed=4, channels_last=len(shape) == 4)
+    kind = bnkit.BatchNorm2d if len(shape) == 4 else bnkit.BatchNorm1d
+    bn = kind(shape[1], momentum=None).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = bn(x)
+        gx, gw, gb = torch.autograd.grad(y, (x, bn.weight, bn.bias), go)
+    finally:
+        torch.set_num_threads(before)
+    y64, mean64, var64 = reference_train(x.detach(), bn.weight, bn.bias, bn.eps)
+    gx64, gw64, gb64 = reference_train_grads(x.detach(), bn.weight, go, bn.eps)
+    n = x.numel() // shape[1]
+    tol = 2e-6 if dtype == torch.float32 else 1e-13
+    assert (y.double() - y64).abs().max().item() < tol * 10
+    assert (bn.running_mean.double() - mean64).abs().max().item() < tol * 10
+    assert (bn.running_var.double() - var64 * n / (n - 1)).abs().max().item() < tol * 100
+    assert (gx.double() - gx64).abs().max().item() < tol * 10
+    assert ((gw.double() - gw64).abs() / (1 + gw64.abs())).max().item() < tol * 100
+    assert ((gb.double() - gb64).abs() / (1 + gb64.abs())).max().item() < tol * 100
 
 
 def test_saved_tensors_no_more_than_torch(backend: str) -> None:

@@ -245,9 +245,9 @@ template <typename T>
 void row_sums(const T* x, const T* other, const Layout& lo, const double* s, double* sum1,
               double* sum2) {
   const int64_t C = lo.C;
-  // Rows split across threads, each streaming its rows once with
-  // per-channel accumulators in the input type (L1-resident, vectorised over C), flushed
-  // to per-thread float64 partials every kChunk rows; partials merged at the end.
+  // Rows split across threads, each streaming its rows once with per-channel
+  // accumulators in the input type (L1-resident, vectorised over C), flushed to
+  // per-thread float64 partials every kChunk rows at most; partials merged at the end.
   const int64_t R = lo.R;
   const int nt = row_threads(R);
   std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
@@ -264,18 +264,33 @@ void row_sums(const T* x, const T* other, const Layout& lo, const double* s, dou
     while (reinterpret_cast<std::uintptr_t>(b1) % 64 != 0) ++b1;
     T* b2 = b1 + Cp;
     const T* sh = sc.data();
+    auto flush = [C, Cp](double* p1, double* p2, T* b1, T* b2) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        p1[c] += static_cast<double>(b1[c]);
+        p2[c] += static_cast<double>(b2[c]);
+      }
+      std::fill(b1, b1 + 2 * Cp, T(0));
+    };
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
       double* p1 = part.data() + t * 2 * C;
       double* p2 = p1 + C;
-      for (int64_t rb = r0; rb < r1; rb += kChunk) {
-        const int64_t re = std::min(r1, rb + kChunk);
-        std::fill(b1, b1 + 2 * Cp, T(0));
-        int64_t r = rb;
-        for (; r + 4 <= re; r += 4) {
-          const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+      // A block of 4 * S rows is read as four streams S rows apart, one row of each per
+      // sweep. Four adjacent rows per sweep (the obvious order) read at half the DRAM
+      // bandwidth with C = 64..512 (8-10 against 19-20 GB/s on 2 threads: the hardware
+      // prefetcher does not follow four interleaved positions within a page); streams at
+      // least 16 KiB apart are each followed as a sequential stream.
+      const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
+      const int64_t S = std::max<int64_t>(kChunk / 4, (16 * 1024 + row_bytes - 1) / row_bytes);
+      for (int64_t rb = r0; rb < r1; rb += 4 * S) {
+        const int64_t m = std::min(r1 - rb, 4 * S), q = m / 4;  // b1, b2 are zero here
+        for (int64_t k = 0; k < q; ++k) {
+          if (k > 0 && k % (kChunk / 4) == 0) flush(p1, p2, b1, b2);
+          const T *x0 = x + (rb + k) * C, *x1 = x0 + q * C, *x2 = x1 + q * C, *x3 = x2 + q * C;
           if (other) {
-            const T *o0 = other + r * C, *o1 = o0 + C, *o2 = o1 + C, *o3 = o2 + C;
+            const T* o0 = other + (rb + k) * C;
+            const T *o1 = o0 + q * C, *o2 = o1 + q * C, *o3 = o2 + q * C;
 #pragma omp simd aligned(b1, b2 : 64)
             for (int64_t c = 0; c < C; ++c) {
               const T s_ = sh[c];
@@ -293,7 +308,7 @@ void row_sums(const T* x, const T* other, const Layout& lo, const double* s, dou
             }
           }
         }
-        for (; r < re; ++r) {
+        for (int64_t r = rb + 4 * q; r < rb + m; ++r) {  // at most three rows left over
           const T* xp = x + r * C;
           if (other) {
             const T* op = other + r * C;
@@ -311,11 +326,7 @@ void row_sums(const T* x, const T* other, const Layout& lo, const double* s, dou
             }
           }
         }
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          p1[c] += static_cast<double>(b1[c]);
-          p2[c] += static_cast<double>(b2[c]);
-        }
+        flush(p1, p2, b1, b2);
       }
     }
   });
