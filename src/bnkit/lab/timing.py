@@ -43,7 +43,14 @@ def paired_median_times(
     steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
 ) -> dict[str, float]:
     """Median wall time of each step, the steps timed in turn within every repeat (the
-    order alternating), so that a slow phase of the machine falls on all of them."""
+    order alternating), so that a slow phase of the machine falls on all of them.
+
+    Each timed call follows an untimed call of the same step: a step leaves the cache
+    full of its own dirty output lines, and without it the next step would pay for
+    writing them back (a library that writes its large outputs with non-temporal stores
+    leaves none, and would pay for the other's). So each step is timed in its own steady
+    state, paying for its own write-backs, as in a loop that calls only it.
+    """
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -51,6 +58,7 @@ def paired_median_times(
     names = list(steps)
     for r in range(repeats):
         for k in names if r % 2 == 0 else names[::-1]:
+            steps[k]()
             t0 = time.perf_counter()
             steps[k]()
             times[k].append(time.perf_counter() - t0)

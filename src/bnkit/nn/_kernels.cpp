@@ -31,9 +31,12 @@ namespace {
 constexpr int64_t kChunk = 256;      // values summed in the input type before a flush
 constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fraction of a std of the mean
 
-// Outputs at least this large are written with non-temporal stores: they do not fit in
-// cache anyway, and a normal store would first read every output line from memory
-// (read-for-ownership), a third more traffic for a kernel that is bound by it.
+// A kernel whose tensors (inputs and output together) take at least this many bytes
+// writes its output with non-temporal stores: the output would not stay in cache anyway
+// (L3 here is 8 MiB), and a normal store first reads every output line from memory
+// (read-for-ownership), a third more traffic for a kernel that is bound by it. Measured
+// on (64, 512, 7, 7) channels_last (6.4 MB, so 12.8 MB touched by the forward): forward
+// 1.09 -> 0.61 ms, eval 0.85 -> 0.46 ms, backward 1.66 -> 1.25 ms.
 // BNKIT_STREAM_BYTES overrides it (0: always, a huge value: never).
 int64_t stream_bytes() {
   static const int64_t v = [] {
@@ -143,9 +146,10 @@ int row_threads(int64_t R) {
   return std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
 }
 
+// Whether a kernel reading `inputs` tensors of numel values and writing one streams it.
 template <typename T>
-bool streaming(int64_t numel) {
-  return numel * static_cast<int64_t>(sizeof(T)) >= stream_bytes();
+bool streaming(int64_t numel, int inputs) {
+  return numel * static_cast<int64_t>(sizeof(T)) * (inputs + 1) >= stream_bytes();
 }
 
 // The output tensor, like x. Large outputs are fresh memory from the OS (glibc maps every
@@ -384,7 +388,7 @@ template <typename T>
 void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const double* s,
                     const double* kx, const double* ko, const double* k0, bool reverse) {
   const int64_t C = lo.C;
-  const bool stream = streaming<T>(lo.R * C);
+  const bool stream = streaming<T>(lo.R * C, other ? 2 : 1);
   std::vector<T> vs(C), vx(C), vo(C), v0(C);
   for (int64_t c = 0; c < C; ++c) {
     vs[c] = static_cast<T>(s[c]);
@@ -453,7 +457,7 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
   nb = std::min<int64_t>(C, (nb + nt - 1) / nt * nt);
   cb = (C + nb - 1) / nb;
   const int64_t nblocks = (C + cb - 1) / cb;
-  const bool stream = streaming<T>(N * C * L);
+  const bool stream = streaming<T>(N * C * L, other ? 2 : 1);
   const std::vector<int64_t> off = shift_in ? std::vector<int64_t>() : sample_offsets(lo);
   parallel(nblocks, N * C * L, [&](int64_t b0, int64_t b1) {
     std::vector<double> a1(cb), a2(cb), sh(cb), kx(cb), ko(cb), k0(cb);
