@@ -377,6 +377,28 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     return gx, gw, gb, None
 
 
+def _fast_train_forward(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fast: Any,
+    running: tuple[Tensor, Tensor, float] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of both fast-path training Functions: one kernel call, and what
+    :func:`_train_norm_backward` needs saved on ``ctx``."""
+    if running is None:
+        y, mean, var = fast.forward_train(x, weight, bias, eps, None, None, 0.0)
+    else:
+        y, mean, var = fast.forward_train(x, weight, bias, eps, *running)
+    ctx.eps = eps
+    ctx.fast = fast
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, mean, var)
+    return y, mean, var
+
+
 class _FastTrainNorm(torch.autograd.Function):
     """:class:`_TrainNorm` on the C++ fast path, as a classic Function (no per-call
     signature binding; never used under torch.func transforms, which trace the plain one).
@@ -393,19 +415,35 @@ class _FastTrainNorm(torch.autograd.Function):
         fast: Any,
         running: tuple[Tensor, Tensor, float] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if running is None:
-            y, mean, var = fast.forward_train(x, weight, bias, eps, None, None, 0.0)
-        else:
-            y, mean, var = fast.forward_train(x, weight, bias, eps, *running)
-        ctx.eps = eps
-        ctx.fast = fast
-        ctx.has_bias = bias is not None
+        y, mean, var = _fast_train_forward(ctx, x, weight, bias, eps, fast, running)
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, weight, mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
+        return (*_train_norm_backward(ctx, grad_out), None, None)
+
+
+class _FastTrainOutput(torch.autograd.Function):
+    """:class:`_FastTrainNorm` returning the output alone: the modules' path, where the
+    kernel has already updated the running statistics. Two outputs fewer to wrap and mark
+    save ~10 us a call (a 256x120 training forward: 66-78 -> 57-63 us), which is what
+    small layers such as LeNet's are made of."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        fast: Any,
+        running: tuple[Tensor, Tensor, float],
+    ) -> Tensor:
+        return _fast_train_forward(ctx, x, weight, bias, eps, fast, running)[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
         return (*_train_norm_backward(ctx, grad_out), None, None)
 
 
@@ -621,7 +659,7 @@ def _batch_norm(
     fast = _kernels.usable(input) if fast_buffers and input.numel() > 0 else None
     if fast is not None:  # one call: statistics, output and the running-stat update
         running = (running_mean, running_var, float(momentum))
-        y: Tensor = _FastTrainNorm.apply(input, weight, bias, eps, fast, running)[0]
+        y: Tensor = _FastTrainOutput.apply(input, weight, bias, eps, fast, running)
         return y
     y, mean, var = normalize_train(input, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
