@@ -19,7 +19,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX__) || defined(__SSE2__)
+// x86 intrinsics (non-temporal stores) only where the compiler targets x86 and the build
+// does not ask for the portable code (-DBNKIT_PORTABLE: what every other architecture
+// compiles; the test suite builds and runs it on x86 too). Everything else is plain C++.
+#if !defined(BNKIT_PORTABLE) && (defined(__x86_64__) || defined(__i386__) || defined(_M_X64)) && \
+    (defined(__AVX__) || defined(__SSE2__))
+#define BNKIT_X86 1
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
@@ -52,16 +57,21 @@ int64_t stream_bytes() {
 }
 
 inline void stream_fence() {
-#if defined(__SSE2__)
+#if defined(BNKIT_X86)
   _mm_sfence();
 #endif
 }
 
 // Copies n values from an L1 buffer to dst, non-temporal where dst is vector-aligned;
-// returns how many were written (whole vectors only, unless `all`).
+// returns how many were written (whole vectors only, unless `all`). Without x86
+// intrinsics it copies all n with ordinary stores: the Writer's buffer must always drain.
 inline int64_t stream_copy(float* dst, const float* src, int64_t n, bool all) {
   int64_t i = 0;
-#if defined(__AVX__)
+#if !defined(BNKIT_X86)
+  (void)all;
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  return n;
+#elif defined(__AVX__)
   for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
   for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
 #elif defined(__SSE2__)
@@ -74,7 +84,11 @@ inline int64_t stream_copy(float* dst, const float* src, int64_t n, bool all) {
 }
 inline int64_t stream_copy(double* dst, const double* src, int64_t n, bool all) {
   int64_t i = 0;
-#if defined(__AVX__)
+#if !defined(BNKIT_X86)
+  (void)all;
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(double));
+  return n;
+#elif defined(__AVX__)
   for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
   for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
 #elif defined(__SSE2__)
@@ -101,7 +115,9 @@ class Writer {
       dst_ += n;
       return p;
     }
+    TORCH_CHECK(n >= 0 && n <= kRun, "bnkit Writer: asked for ", n, " values (at most ", kRun, ")");
     if (fill_ + n > kCap) drain(false);  // leaves fewer than one vector's worth
+    TORCH_CHECK(fill_ + n <= kCap, "bnkit Writer: buffer did not drain");
     T* p = buf_ + fill_;
     fill_ += n;
     return p;
@@ -223,12 +239,21 @@ std::vector<int64_t> sample_offsets(const Layout& lo) {
 }
 
 // Per-channel shift: the mean of the sampled values, rounded to T so that x - s is exact.
+// Only finite samples count (0 when there is none): an inf or NaN then reaches the sums
+// as itself, and the statistics come out as torch's (mean inf/-inf/NaN, variance NaN).
 template <typename T>
 double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& off, int64_t c) {
   const int64_t base = lo.fastest ? c : c * std::max<int64_t>(lo.L, 1);
   double acc = 0;
-  for (const int64_t o : off) acc += static_cast<double>(x[o + base]);
-  return static_cast<double>(static_cast<T>(acc / static_cast<double>(off.size())));
+  int64_t k = 0;
+  for (const int64_t o : off) {
+    const double v = static_cast<double>(x[o + base]);
+    if (std::isfinite(v)) {
+      acc += v;
+      ++k;
+    }
+  }
+  return k ? static_cast<double>(static_cast<T>(acc / static_cast<double>(k))) : 0.0;
 }
 
 // Per-channel shifts of a channels-fastest (R, C) input: the samples are whole rows,
@@ -236,15 +261,21 @@ double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& o
 template <typename T>
 void row_shifts(const T* x, const Layout& lo, double* s) {
   const std::vector<int64_t> off = sample_offsets(lo);
-  std::vector<double> acc(lo.C, 0.0);
+  std::vector<double> acc(lo.C, 0.0), cnt(lo.C, 0.0);
   double* a = acc.data();
-  for (const int64_t o : off) {
+  double* k = cnt.data();
+  for (const int64_t o : off) {  // finite samples only, as in channel_shift
     const T* xp = x + o;
 #pragma omp simd
-    for (int64_t c = 0; c < lo.C; ++c) a[c] += static_cast<double>(xp[c]);
+    for (int64_t c = 0; c < lo.C; ++c) {
+      const double v = static_cast<double>(xp[c]);
+      const bool ok = std::isfinite(v);
+      a[c] += ok ? v : 0.0;
+      k[c] += ok ? 1.0 : 0.0;
+    }
   }
-  const double k = static_cast<double>(off.size());
-  for (int64_t c = 0; c < lo.C; ++c) s[c] = static_cast<double>(static_cast<T>(a[c] / k));
+  for (int64_t c = 0; c < lo.C; ++c)
+    s[c] = k[c] > 0 ? static_cast<double>(static_cast<T>(a[c] / k[c])) : 0.0;
 }
 
 // Per-channel (sum d, sum d * e) over a channels-fastest (R, C) input, d = x - s and
@@ -569,12 +600,52 @@ void update_running_impl(at::Tensor& running_mean, at::Tensor& running_var, cons
   });
 }
 
-}  // namespace
-
-bool eligible(const at::Tensor& x) {
-  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-         x.dim() >= 2 && x.numel() > 0 && usable(x);
+// Preconditions of every entry point, checked here whatever the Python side did: a bad
+// tensor is an exception with a message, never a memory error.
+void check_input(const at::Tensor& x, const char* fn) {
+  TORCH_CHECK(x.defined(), fn, ": the input is undefined");
+  TORCH_CHECK(x.device().is_cpu(), fn, ": expected a CPU input, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, fn,
+              ": expected a float32 or float64 input, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, fn, ": expected an (N, C, *) input, got ", x.dim(), "D");
+  TORCH_CHECK(x.numel() > 0, fn, ": the input holds no values");
+  TORCH_CHECK(usable(x), fn, ": expected a contiguous or channels_last input");
 }
+
+void check_channel(const at::Tensor& t, int64_t C, const char* fn, const char* name) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.numel() == C, fn, ": ", name, " should contain ", C, " elements not ",
+              t.numel());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+}
+
+void check_channel(const c10::optional<at::Tensor>& t, int64_t C, const char* fn,
+                   const char* name) {
+  if (t.has_value() && t->defined()) check_channel(*t, C, fn, name);
+}
+
+// Buffers written in place through raw pointers: one float dtype, contiguous.
+void check_running(const at::Tensor& rm, const at::Tensor& rv, int64_t C, const char* fn) {
+  check_channel(rm, C, fn, "running_mean");
+  check_channel(rv, C, fn, "running_var");
+  TORCH_CHECK(rm.scalar_type() == rv.scalar_type() &&
+                  (rm.scalar_type() == at::kFloat || rm.scalar_type() == at::kDouble),
+              fn, ": running_mean and running_var must both be float32 or both float64, got ",
+              rm.scalar_type(), " and ", rv.scalar_type());
+  TORCH_CHECK(rm.is_contiguous() && rv.is_contiguous(), fn,
+              ": running_mean and running_var must be contiguous");
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* fn, const char* name) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.sizes() == x.sizes(), fn, ": ", name,
+              " must be a CPU tensor of the input's shape ", x.sizes(), ", got ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name, " must be floating");
+}
+
+}  // namespace
 
 namespace {
 std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
@@ -588,9 +659,18 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
                                       const c10::optional<at::Tensor>& b, double eps,
                                       c10::optional<at::Tensor> running_mean,
                                       c10::optional<at::Tensor> running_var, double f) {
+  const char* fn = "bnkit forward_train";
+  check_input(x_in, fn);
+  const int64_t C = x_in.size(1);
+  check_channel(w, C, fn, "weight");
+  check_channel(b, C, fn, "bias");
+  TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_rm == has_rv, fn, ": give both running buffers or neither");
+  if (has_rm) check_running(*running_mean, *running_var, C, fn);
   auto r = train_impl(x_in, w, b, eps, true);
-  if (running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
-      running_var->defined()) {
+  if (has_rm) {
     update_running_impl(*running_mean, *running_var, r[1].data_ptr<double>(),
                         r[2].data_ptr<double>(), x_in.numel() / x_in.size(1), f);
   }
@@ -599,6 +679,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
 
 // Returns (mean, biased var), float64 (C,): the statistics pass alone.
 std::vector<at::Tensor> stats(const at::Tensor& x_in) {
+  check_input(x_in, "bnkit stats");
   auto r = train_impl(x_in, c10::nullopt, c10::nullopt, 1.0, false);
   return {r[1], r[2]};
 }
@@ -625,7 +706,8 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
     auto coef = [&](int64_t c, double a1, double a2, double sh, double* ka, double* ko,
                     double* kz) {
       const double lo_mean = a1 / n;
-      const double v = std::max(0.0, a2 / n - lo_mean * lo_mean);
+      const double v0 = a2 / n - lo_mean * lo_mean;
+      const double v = v0 < 0.0 ? 0.0 : v0;  // keeps NaN (std::max(0.0, NaN) is 0)
       mp[c] = sh + lo_mean;
       vp[c] = v;
       const double a = wp[c] / std::sqrt(v + eps);
@@ -658,6 +740,13 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
                                        const c10::optional<at::Tensor>& w, const at::Tensor& mean,
                                        const at::Tensor& stat, double eps, bool is_invstd,
                                        bool need_gx, bool raw_sums) {
+  const char* fn = "bnkit backward_train";
+  check_input(x_in, fn);
+  check_like(go_in, x_in, fn, "grad_output");
+  const int64_t C_in = x_in.size(1);
+  check_channel(w, C_in, fn, "weight");
+  check_channel(mean, C_in, fn, "mean");
+  check_channel(stat, C_in, fn, is_invstd ? "invstd" : "var");
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
@@ -717,6 +806,13 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
 at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& w,
                         const c10::optional<at::Tensor>& b, double eps) {
+  const char* fn = "bnkit forward_eval";
+  check_input(x_in, fn);
+  const int64_t C_in = x_in.size(1);
+  check_channel(running_mean, C_in, fn, "running_mean");
+  check_channel(running_var, C_in, fn, "running_var");
+  check_channel(w, C_in, fn, "weight");
+  check_channel(b, C_in, fn, "bias");
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor y = new_output(x);
@@ -735,7 +831,12 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
 // In place: running = (1 - f) * running + f * batch (unbiased variance); see update_running_impl.
 void update_running(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
                     const at::Tensor& var, int64_t n, double f) {
+  const char* fn = "bnkit update_running";
   const int64_t C = running_mean.numel();
+  check_running(running_mean, running_var, C, fn);
+  check_channel(mean, C, fn, "mean");
+  check_channel(var, C, fn, "var");
+  TORCH_CHECK(n >= 0, fn, ": n must be >= 0, got ", n);
   const std::vector<double> md = doubles(mean, C, 0.0), vd = doubles(var, C, 0.0);
   update_running_impl(running_mean, running_var, md.data(), vd.data(), n, f);
 }
@@ -745,6 +846,14 @@ void update_running(at::Tensor running_mean, at::Tensor running_var, const at::T
 // all_reduce across ranks).
 at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at::Tensor& mean,
                       const at::Tensor& kx, const at::Tensor& ko, const at::Tensor& k0) {
+  const char* fn = "bnkit grad_apply";
+  check_input(x_in, fn);
+  check_like(go_in, x_in, fn, "grad_output");
+  const int64_t C_in = x_in.size(1);
+  check_channel(mean, C_in, fn, "mean");
+  check_channel(kx, C_in, fn, "k_centered");
+  check_channel(ko, C_in, fn, "k_grad");
+  check_channel(k0, C_in, fn, "k_const");
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.to(x.scalar_type()), lo.fastest);

@@ -2,15 +2,25 @@
 
 The ``cpp`` backend is a small C++ extension (``_kernels.cpp``) built with torch's own
 extension tooling the first time it is needed and cached on disk (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``): the first build takes about 30 s, later
+by default ``~/.cache/torch_extensions``): the first build takes about a minute, later
 processes load it in well under a second. It needs a C++ compiler; without one, or when
 the build fails, bnkit warns once and uses the plain path.
 
 ``BNKIT_BACKEND`` chooses: ``auto`` (default: ``cpp`` where it builds, else ``plain``),
 ``cpp`` (fail loudly if it cannot be built), ``plain``; it is read once, at the first
-BatchNorm call. :func:`set_backend` chooses from Python at any time. The fast path is used
-for CPU float32/float64 input that is contiguous or channels_last, and not under
-``torch.func`` transforms or ``torch.compile`` (which trace the plain path).
+BatchNorm call. :func:`set_backend` chooses from Python at any time.
+
+:func:`route` is the one place that decides whether a call takes the fast path: CPU
+float32/float64 input that is contiguous or channels_last, and never while a graph is being
+captured (``torch.func`` transforms, ``torch.compile``/``torch.export``, ``torch.jit``
+tracing and scripting, ONNX export), which must see ordinary torch ops. It returns a
+:class:`FastPath`, whose methods carry keyword-named options into the C++ entry points;
+those check their own preconditions again (sizes, dtypes, layout, device), so no slip on
+the Python side can become a memory error.
+
+``BNKIT_BUILD_FLAGS`` adds compiler flags to the build (its own cache entry): the test
+suite builds ``-DBNKIT_PORTABLE`` (no x86 intrinsics, the code every other architecture
+compiles) and an AddressSanitizer/UBSan build with it.
 """
 
 from __future__ import annotations
@@ -27,7 +37,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "available", "backend", "get", "set_backend"]
+__all__ = [
+    "BACKENDS",
+    "FastPath",
+    "available",
+    "backend",
+    "get",
+    "route",
+    "route_train",
+    "set_backend",
+]
 
 BACKENDS = ("auto", "cpp", "plain")
 _SOURCE = Path(__file__).with_name("_kernels.cpp")
@@ -72,6 +91,9 @@ def _build() -> Any:
     # Vector width: what torch itself dispatches to on this CPU (the cache is per machine).
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    extra = os.environ.get("BNKIT_BUILD_FLAGS", "").split()
+    flags += extra
+    ldflags = ["-fopenmp", *(f for f in extra if f.startswith("-fsanitize"))]
     key = source + torch.__version__ + " ".join(flags)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = f"bnkit_cpu_{digest}"
@@ -83,13 +105,13 @@ def _build() -> Any:
         lock.unlink(missing_ok=True)
     if not any(build_dir.glob("*.so")):
         print(
-            "bnkit: building the CPU fast path once (about 30 s; cached on disk)", file=sys.stderr
+            "bnkit: building the CPU fast path once (about a minute; cached on disk)",
+            file=sys.stderr,
         )
     return cpp_extension.load_inline(
         name=name,
         cpp_sources=[source],
         functions=[
-            "eligible",
             "forward_train",
             "backward_train",
             "forward_eval",
@@ -98,7 +120,7 @@ def _build() -> Any:
             "grad_apply",
         ],
         extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=ldflags,
         verbose=False,
     )
 
@@ -141,21 +163,142 @@ def available() -> bool:
 FAST_DTYPES = (torch.float32, torch.float64)
 
 
-def usable(x: Tensor) -> Any:
-    """The C++ module when ``x`` may take the fast path, else None."""
-    mod = usable_for_buffers(x)
-    if mod is None or not mod.eligible(x):
-        return None
-    return mod
+class FastPath:
+    """The C++ fast path: each method is one entry point of ``_kernels.cpp``, with its
+    options named. Obtained from :func:`route` / :func:`route_train` only."""
+
+    __slots__ = ("_mod",)
+
+    def __init__(self, mod: Any) -> None:
+        self._mod = mod
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel (mean, biased variance) of ``x``, float64."""
+        mean, var = self._mod.stats(x)
+        return mean, var
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        eps: float,
+        running: tuple[Tensor, Tensor, float] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(y, mean, biased var) with batch statistics; ``running = (running_mean,
+        running_var, factor)`` also updates those buffers in place in the same call."""
+        rm, rv, f = running if running is not None else (None, None, 0.0)
+        y, mean, var = self._mod.forward_train(x, weight, bias, eps, rm, rv, f)
+        return y, mean, var
+
+    def backward_train(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        *,
+        var: Tensor | None = None,
+        invstd: Tensor | None = None,
+        eps: float = 0.0,
+        need_grad_input: bool,
+        raw_sums: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The closed-form training backward given the biased ``var`` (with ``eps``) or
+        ``invstd``: (grad_x or None, sum(go * xhat), sum(go)); the sums as float64 when
+        ``raw_sums``, else as the weight and bias gradients."""
+        stat = invstd if invstd is not None else var
+        if stat is None:
+            raise ValueError("FastPath.backward_train: give var or invstd")
+        gx, gxhat, gsum = self._mod.backward_train(
+            grad_out, x, weight, mean, stat, eps, invstd is not None, need_grad_input, raw_sums
+        )
+        return (gx if need_grad_input else None), gxhat, gsum
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        eps: float,
+    ) -> Tensor:
+        y: Tensor = self._mod.forward_eval(x, running_mean, running_var, weight, bias, eps)
+        return y
+
+    def grad_apply(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        *,
+        k_centered: Tensor,
+        k_grad: Tensor,
+        k_const: Tensor,
+    ) -> Tensor:
+        """``grad_x = k_grad * grad_out + k_centered * (x - mean) + k_const`` per channel."""
+        gx: Tensor = self._mod.grad_apply(grad_out, x, mean, k_centered, k_grad, k_const)
+        return gx
 
 
-def usable_for_buffers(t: Tensor) -> Any:
-    """The C++ module when the CPU tensor ``t`` (any shape) may be handled by it."""
-    if not t.is_cpu or t.dtype not in FAST_DTYPES:
+_fast: FastPath | None = None
+
+
+def _capturing(x: Tensor) -> bool:
+    """A graph is being captured: the op must be an ordinary torch op, not a C++ call."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+        or _under_functorch(x)
+    )
+
+
+def _layout_ok(x: Tensor) -> bool:
+    d = x.dim()
+    if d == 2:
+        return x.is_contiguous()
+    if d < 2 or x.is_contiguous():
+        return d >= 2
+    if d == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if d == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def route(x: Tensor) -> FastPath | None:
+    """The fast path when ``x`` may take it, else None (the plain path): the one place
+    that decides."""
+    if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0 or not _layout_ok(x):
         return None
-    if torch.compiler.is_compiling() or _under_functorch(t):
+    if _capturing(x):
         return None
-    return get()
+    global _fast
+    mod = get()
+    if mod is None:
+        return None
+    if _fast is None or _fast._mod is not mod:
+        _fast = FastPath(mod)
+    return _fast
+
+
+def route_train(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None
+) -> FastPath | None:
+    """:func:`route` for a training forward that also updates the running buffers in the
+    same call: both given (or both absent), contiguous, of the input's dtype."""
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None and running_var is not None:
+        for b in (running_mean, running_var):
+            if b.dtype != x.dtype or not b.is_contiguous() or b.requires_grad:
+                return None
+    return route(x)
 
 
 def _under_functorch(x: Tensor) -> bool:

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import Module, Parameter, init
-from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn import Module
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
+from bnkit.nn import _export
 from bnkit.nn import functional as F
 
 __all__ = [
@@ -45,6 +46,11 @@ normalizes with ``running_mean`` / ``running_var``.
     opposite (``momentum_torch = 1 - momentum_keras``); a value above 0.5 triggers a
     warning because it is almost always a pasted Keras value. ``momentum=None`` gives the
     cumulative average over all batches seen (``num_batches_tracked`` of them).
+
+It is a subclass of ``torch.nn.{name}`` (``isinstance`` holds, so torch's helpers and
+other libraries treat it as theirs) whose forward and backward are bnkit's own. While a
+graph is captured for export, eval mode records torch's ``batch_norm`` op (see
+:mod:`bnkit.nn._export`); ``torch.jit.script`` compiles torch's module on the same tensors.
 
 Differences from torch (all stricter, none change a valid result): arguments are
 validated at construction (momentum outside [0, 1], negative eps), and a bad input
@@ -99,16 +105,11 @@ def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
         m.running_var.copy_(new_v)
 
 
-class _BatchNorm(Module):
-    """Shared base: parameters, buffers, state_dict versioning and the forward."""
+class _BatchNorm(_TorchBatchNorm):
+    """Shared base: a subclass of ``torch.nn.modules.batchnorm._BatchNorm`` (so torch's
+    helpers and other libraries treat every bnkit BatchNorm as a BatchNorm) whose forward
+    is bnkit's own. Parameters, buffers, ``reset_*`` and state_dict versioning are torch's."""
 
-    _version = 2
-    __constants__ = ("track_running_stats", "momentum", "eps", "num_features", "affine")
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
     _ranks: tuple[int, ...] = ()
 
     def __init__(
@@ -123,7 +124,6 @@ class _BatchNorm(Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
         name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
             raise ValueError(
@@ -140,118 +140,55 @@ class _BatchNorm(Module):
                 UserWarning,
                 stacklevel=2,
             )
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.running_mean: Tensor | None
-        self.running_var: Tensor | None
-        self.num_batches_tracked: Tensor | None
-        self.reset_parameters()
+        _NormBase.__init__(
+            self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
     def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, counter 0."""
+        """Running mean 0, running variance 1, counter 0 (where there are buffers)."""
         if self.track_running_stats and self.running_mean is not None:
-            assert self.running_var is not None and self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset running statistics, weight to 1 and bias to 0."""
-        self.reset_running_stats()
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        version = local_metadata.get("version")
-        key = prefix + "num_batches_tracked"
-        # Version 2 added num_batches_tracked: older checkpoints load with the counter
-        # kept as it is (0 for a fresh module).
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            nbt = self.num_batches_tracked
-            state_dict[key] = (
-                nbt
-                if nbt is not None and nbt.device != torch.device("meta")
-                else torch.tensor(0, dtype=torch.long)
-            )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+            super().reset_running_stats()
 
     def _layer_name(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(
-                f"{self._layer_name()}: expected a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() not in self._ranks:
-            want = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(
-                f"{self._layer_name()}: expected {want} input (got {input.dim()}D input of "
-                f"shape {tuple(input.shape)})"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._layer_name()}: expected {self.num_features} channels in dim 1, got "
-                f"{input.shape[1]} (input shape {tuple(input.shape)})"
-            )
+        F.validate(
+            input,
+            where=self._layer_name(),
+            batch_stats=False,
+            eps=self.eps,
+            ranks=self._ranks,
+            num_features=self.num_features,
+        )
+
+    def _validate(self, input: Tensor, batch_stats: bool) -> None:
+        """Every tensor this forward will touch, checked before anything changes."""
+        F.validate(
+            input,
+            where=self._layer_name(),
+            batch_stats=batch_stats,
+            eps=self.eps,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            ranks=self._ranks,
+            num_features=self.num_features,
+            momentum=self.momentum,
+        )
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        where = self._layer_name()
-        # Validate before touching the counter: a rejected batch changes nothing.
-        if self.training:
-            F.check_batch_size(input.size(), where)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        F.check_eps(self.eps, bn_training, where)
-        factor: float = 0.0 if self.momentum is None else self.momentum
+        if not bn_training and _export.exporting():
+            return _export.eval_op(self, input)
+        self._validate(input, bn_training)
+        factor = 0.0
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             factor = count_batch(self)
         # Buffers are passed only where they are used or updated.
         track = not self.training or self.track_running_stats
-        return F._batch_norm(
+        return F.apply_batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -260,98 +197,56 @@ class _BatchNorm(Module):
             bn_training,
             factor,
             self.eps,
-            where,
-            checked=True,
         )
 
+    def __prepare_scriptable__(self) -> Module:
+        """``torch.jit.script`` compiles torch's own module in place of this one (same
+        parameters and buffers, shared, not copied): TorchScript cannot compile bnkit's
+        Python forward, and torch's is the same function."""
+        return _export.as_torch(self)
 
-class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
-    """Shared base of the lazy forms: ``num_features`` is taken from the first input."""
 
-    weight: UninitializedParameter  # type: ignore[assignment]
-    bias: UninitializedParameter  # type: ignore[assignment]
-    cls_to_become: Any = None
-
-    def __init__(
-        self,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        # Build with no tensors, then put uninitialized ones in their place.
-        super().__init__(0, eps, momentum, False, False, **factory, bias=False)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = UninitializedParameter(**factory)
-            if bias:
-                self.bias = UninitializedParameter(**factory)
-        if track_running_stats:
-            self.running_mean = UninitializedBuffer(**factory)
-            self.running_var = UninitializedBuffer(**factory)
-            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
-
-    def reset_parameters(self) -> None:
-        if not self.has_uninitialized_params() and self.num_features != 0:
-            super().reset_parameters()
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if self.has_uninitialized_params():
-            return  # checked again once materialized
-        super()._check_input_dim(input)
+class _LazyBatchNorm(_BatchNorm):
+    """Shared code of the lazy forms (combined with torch's ``LazyBatchNorm*d``, which
+    supplies the uninitialized parameters): ``num_features`` from the first input, which
+    is validated before anything is materialized."""
 
     def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
-        if not self.has_uninitialized_params():
-            return
-        if input.dim() not in self._ranks:
-            want = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(
-                f"{type(self).__name__}: expected {want} input (got {input.dim()}D input)"
+        if self.has_uninitialized_params():  # type: ignore[attr-defined,operator]
+            F.validate(
+                input, where=type(self).__name__, batch_stats=False, eps=self.eps, ranks=self._ranks
             )
-        self.num_features = input.shape[1]
-        if self.affine:
-            self.weight.materialize((self.num_features,))
-            if self.bias is not None:
-                self.bias.materialize((self.num_features,))
-        if self.track_running_stats:
-            assert isinstance(self.running_mean, UninitializedBuffer)
-            assert isinstance(self.running_var, UninitializedBuffer)
-            self.running_mean.materialize((self.num_features,))
-            self.running_var.materialize((self.num_features,))
-        self.reset_parameters()
+        super().initialize_parameters(input)  # type: ignore[misc]
+
+    def _layer_name(self) -> str:
+        return type(self).__name__
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
     _ranks = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
     _ranks = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     _ranks = (5,)
 
 
-class LazyBatchNorm1d(_LazyBatchNorm):
+class LazyBatchNorm1d(torch.nn.LazyBatchNorm1d, _LazyBatchNorm):  # type: ignore[misc]
     _ranks = (2, 3)
-    cls_to_become = BatchNorm1d
+    cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
 
-class LazyBatchNorm2d(_LazyBatchNorm):
+class LazyBatchNorm2d(torch.nn.LazyBatchNorm2d, _LazyBatchNorm):  # type: ignore[misc]
     _ranks = (4,)
-    cls_to_become = BatchNorm2d
+    cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
 
-class LazyBatchNorm3d(_LazyBatchNorm):
+class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d, _LazyBatchNorm):  # type: ignore[misc]
     _ranks = (5,)
-    cls_to_become = BatchNorm3d
+    cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 
 for _cls, _rank, _shape, _ex in (

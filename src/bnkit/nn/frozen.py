@@ -3,6 +3,11 @@
 Every tensor is a buffer (nothing for an optimizer to move), the running statistics are
 always used, whatever the training flag, and the state_dict has BatchNorm's keys, so a
 checkpoint moves freely between a BatchNorm and its frozen form.
+
+A FrozenBatchNorm is deliberately *not* a ``torch.nn.BatchNorm*d`` (torchvision's
+``FrozenBatchNorm2d`` is not either): helpers that recompute or synchronise statistics
+(``torch.optim.swa_utils.update_bn``, precise BN, ``convert_sync_batchnorm``) must leave
+it alone, which is what freezing means.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from bnkit.nn import _export
 from bnkit.nn import functional as F
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
@@ -49,16 +55,25 @@ class _FrozenBatchNorm(Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    def _validate(self, input: Tensor, batch_stats: bool = False) -> None:
+        F.validate(
+            input,
+            where=f"{type(self).__name__}({self.num_features})",
+            batch_stats=False,
+            eps=self.eps,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            ranks=self._ranks,
+            num_features=self.num_features,
+        )
+
     def forward(self, input: Tensor) -> Tensor:
-        name = f"{type(self).__name__}({self.num_features})"
-        if input.dim() not in self._ranks:
-            want = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"{name}: expected {want} input (got {input.dim()}D input)")
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}: expected {self.num_features} channels in dim 1, got {input.shape[1]}"
-            )
-        return F._batch_norm(
+        if _export.exporting():
+            return _export.eval_op(self, input)
+        self._validate(input)
+        return F.apply_batch_norm(
             input,
             self.running_mean,
             self.running_var,
@@ -67,8 +82,11 @@ class _FrozenBatchNorm(Module):
             False,
             0.0,
             self.eps,
-            name,
         )
+
+    def __prepare_scriptable__(self) -> Module:
+        """``torch.jit.script`` compiles an equivalent module on the same buffers."""
+        return _export.ScriptableFrozenBatchNorm(self)
 
     def _load_from_state_dict(
         self,

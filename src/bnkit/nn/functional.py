@@ -40,8 +40,11 @@ __all__ = [
     "batch_stats",
     "merge_stats",
     "train_backward",
+    "apply_batch_norm",
+    "channel_shape",
     "check_eps",
     "check_momentum",
+    "validate",
     "check_batch_size",
     "normalize_eval",
     "normalize_train",
@@ -93,38 +96,93 @@ def check_batch_size(size: torch.Size, where: str = "") -> None:
         )
 
 
-def _check_input(x: Tensor, where: str) -> None:
+def _check_input(x: Tensor, where: str, ranks: tuple[int, ...] = ()) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{where}: expected a floating-point input (float16/bfloat16/float32/float64), "
-            f"got {x.dtype}"
+    if ranks and x.dim() not in ranks:
+        want = " or ".join(f"{r}D" for r in ranks)
+        raise ValueError(
+            f"{where}: expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})"
         )
     if x.dim() < 2:
         raise ValueError(
             f"{where}: expected an input of shape (N, C, *) with at least 2 dims, "
             f"got {x.dim()}D input of shape {tuple(x.shape)}"
         )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{where}: expected a floating-point input (float16/bfloat16/float32/float64), "
+            f"got {x.dtype}"
+        )
 
 
 def _check_per_channel(t: Tensor | None, name: str, x: Tensor, where: str) -> None:
     if t is None:
         return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     c = x.shape[1]
     if t.dim() != 1 or t.shape[0] != c:
+        # torch's wording ("bias should contain 64 elements not 2"), with the input's shape
         raise RuntimeError(
-            f"{where}: {name} should contain {c} elements (one per channel of the input "
-            f"{tuple(x.shape)}), not {t.numel()} (shape {tuple(t.shape)})"
+            f"{where}: {name} should contain {c} elements not {t.numel()} (one per channel "
+            f"of the input {tuple(x.shape)}; got shape {tuple(t.shape)})"
         )
-    if t.is_floating_point():
-        ok = t.dtype == x.dtype or (x.dtype in _LOW_PRECISION and t.dtype == torch.float32)
-        if not ok:
-            raise TypeError(
-                f"{where}: {name} has dtype {t.dtype} but the input is {x.dtype}; expected "
-                f"{x.dtype} (or float32 for half/bfloat16 input): convert the module with "
-                f".to({x.dtype}) or the input with .to({t.dtype})"
-            )
+    if t.device != x.device:
+        raise RuntimeError(
+            f"{where}: {name} is on {t.device} but the input is on {x.device}; expected all "
+            f"tensors on the same device (move the module with .to({str(x.device)!r}))"
+        )
+    ok = t.dtype == x.dtype or (x.dtype in _LOW_PRECISION and t.dtype == torch.float32)
+    if not ok:
+        raise TypeError(
+            f"{where}: {name} has dtype {t.dtype} but the input is {x.dtype}; expected "
+            f"{x.dtype} (or float32 for half/bfloat16 input): convert the module with "
+            f".to({x.dtype}) or the input with .to({t.dtype})"
+        )
+
+
+def validate(
+    input: Tensor,
+    *,
+    where: str,
+    batch_stats: bool,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    ranks: tuple[int, ...] = (),
+    num_features: int | None = None,
+    momentum: float | None = None,
+) -> None:
+    """The one validation of a BatchNorm call, run before anything changes.
+
+    Every layer kind (the modules, the functional forms, frozen, the variants, sync) calls
+    it with every tensor the computation will touch: the input (a floating tensor of one of
+    ``ranks``, with ``num_features`` channels), and the per-channel ``running_mean``,
+    ``running_var``, ``weight`` and ``bias`` (one value per channel, on the input's device,
+    of the input's dtype or float32 for half/bfloat16 input). ``batch_stats``: the call
+    normalizes with batch statistics, so it needs more than one value per channel and
+    ``eps > 0``. Raises ``TypeError``/``ValueError``/``RuntimeError`` naming ``where``.
+    """
+    _check_input(input, where, ranks)
+    if num_features is not None and input.shape[1] != num_features:
+        raise ValueError(
+            f"{where}: expected {num_features} channels in dim 1, got {input.shape[1]} "
+            f"(input shape {tuple(input.shape)})"
+        )
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        _check_per_channel(t, name, input, where)
+    check_eps(eps, batch_stats, where)
+    check_momentum(momentum, where)
+    if batch_stats:
+        check_batch_size(input.size(), where)
 
 
 # ---------------------------------------------------------------------- reductions
@@ -139,7 +197,8 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
-def _channel_shape(x: Tensor) -> list[int]:
+def channel_shape(x: Tensor) -> list[int]:
+    """The shape that broadcasts a per-channel (C,) tensor against ``x`` (N, C, *)."""
     return [1, -1] + [1] * (x.dim() - 2)
 
 
@@ -196,8 +255,11 @@ def _batch_stats(xc: Tensor) -> tuple[_Stats, Tensor]:
     """Statistics of ``xc`` (compute dtype) and the centred tensor ``xc - shift``."""
     c = xc.shape[1]
     n = xc.numel() // c
-    shape = _channel_shape(xc)
+    shape = channel_shape(xc)
     shift = (_channel_sum(xc) / n).to(xc.dtype)
+    # A channel holding inf or NaN: shift by 0, so that the sums below are the plain sums
+    # and the statistics come out as torch's (mean inf/-inf/NaN, variance NaN).
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     d = xc - shift.view(shape)
     s1 = _channel_sum(d) / n
     s2 = _channel_sum(d, d) / n
@@ -215,10 +277,9 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_input(x, "batch_stats")
     if x.numel() == 0:
         raise ValueError(f"batch_stats: the input {tuple(x.shape)} holds no values")
-    fast = _kernels.usable(x)
+    fast = _kernels.route(x)
     if fast is not None:
-        mean, var = fast.stats(x.detach())
-        return mean, var
+        return fast.stats(x.detach())
     with torch.no_grad():
         st, _ = _batch_stats(x.to(_compute_dtype(x)))
     return st.shift.to(st.mean_lo.dtype) + st.mean_lo, st.var
@@ -274,16 +335,24 @@ def _train_backward(
     ``(sum(grad_out), sum(grad_out * xhat))`` to their sums over all processes and ``n`` is
     the global count; the weight/bias gradients stay local (DDP reduces those).
     """
-    shape = _channel_shape(x)
+    shape = channel_shape(x)
     cdt = _compute_dtype(x)
     n = x.numel() // x.shape[1] if n is None else n
-    fast = None if torch.is_grad_enabled() or x.numel() == 0 else _kernels.usable(x)
+    fast = None if torch.is_grad_enabled() else _kernels.route(x)
     lo = mean - mean.to(cdt).to(mean.dtype)  # what the compute-dtype shift missed
     if fast is not None:
         # the sums from the fast path (both passes there when nothing is reduced)
-        gx, sum_go_xhat, sum_go = fast.backward_train(
-            grad_out, x, weight, mean, invstd, 0.0, True, needs[0] and reduce is None, True
+        gx, sum_go_xhat_, sum_go_ = fast.backward_train(
+            grad_out,
+            x,
+            weight,
+            mean,
+            invstd=invstd,
+            need_grad_input=needs[0] and reduce is None,
+            raw_sums=True,
         )
+        assert sum_go_xhat_ is not None and sum_go_ is not None
+        sum_go_xhat, sum_go = sum_go_xhat_, sum_go_
     else:
         go = grad_out.to(cdt)
         d = x.to(cdt) - mean.to(cdt).view(shape)
@@ -299,7 +368,7 @@ def _train_backward(
         k_d = -a * invstd * all_go_xhat / n  # coefficient of (x - shift)
         k_0 = -a * all_go / n - k_d * lo  # constant per channel
         if fast is not None:
-            gx = fast.grad_apply(grad_out, x, mean, k_d, a, k_0)
+            gx = fast.grad_apply(grad_out, x, mean, k_centered=k_d, k_grad=a, k_const=k_0)
         else:
             gx = go * a.to(cdt).view(shape) + d * k_d.to(cdt).view(shape) + k_0.to(cdt).view(shape)
             gx = gx.to(x.dtype)
@@ -362,13 +431,20 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         xc = x.to(_compute_dtype(x))
         dims = [0, *range(2, x.dim())]
         mean = xc.mean(dims).to(var.dtype)
-        var = (xc - mean.to(xc.dtype).view(_channel_shape(x))).pow(2).mean(dims).to(var.dtype)
+        var = (xc - mean.to(xc.dtype).view(channel_shape(x))).pow(2).mean(dims).to(var.dtype)
     # the Function that ran the forward on the fast path says so (the plain one leaves it
     # unset: it runs where the fast path is not usable, e.g. under torch.func)
     fast = None if torch.is_grad_enabled() else getattr(ctx, "fast", None)
     if fast is not None:
         gx, gw, gb = fast.backward_train(
-            grad_out, x, weight, mean, var, ctx.eps, False, needs[0], False
+            grad_out,
+            x,
+            weight,
+            mean,
+            var=var,
+            eps=ctx.eps,
+            need_grad_input=needs[0],
+            raw_sums=False,
         )
         keep = [g if need else None for g, need in zip((gx, gw, gb), needs, strict=True)]
         return (*keep, None)
@@ -394,14 +470,11 @@ class _FastTrainNorm(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
-        fast: Any,
+        fast: _kernels.FastPath,
         running: tuple[Tensor, Tensor, float] | None,
         with_stats: bool,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        if running is None:
-            y, mean, var = fast.forward_train(x, weight, bias, eps, None, None, 0.0)
-        else:
-            y, mean, var = fast.forward_train(x, weight, bias, eps, *running)
+        y, mean, var = fast.forward_train(x, weight, bias, eps=eps, running=running)
         ctx.eps = eps
         ctx.fast = fast
         ctx.has_bias = bias is not None
@@ -431,7 +504,7 @@ def _train_forward(
     invstd = _invstd(st.var, eps)
     scale, shift = _affine(weight, bias, invstd)
     shift = shift - st.mean_lo * scale
-    shape = _channel_shape(x)
+    shape = channel_shape(x)
     y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
     mean = st.shift.to(acc) + st.mean_lo
     return y.to(x.dtype), mean, st.var
@@ -449,12 +522,12 @@ def normalize_train(
         # Keep the empty output connected to the graph, as torch does.
         y = x.to(_compute_dtype(x))
         if weight is not None:
-            y = y * weight.to(y.dtype).view(_channel_shape(x))
+            y = y * weight.to(y.dtype).view(channel_shape(x))
         if bias is not None:
-            y = y + bias.to(y.dtype).view(_channel_shape(x))
+            y = y + bias.to(y.dtype).view(channel_shape(x))
         empty = torch.zeros(x.shape[1], dtype=_acc_dtype(x), device=x.device)
         return y.to(x.dtype), empty, empty.clone()
-    fast = _kernels.usable(x)
+    fast = _kernels.route(x)
     if fast is not None:
         y, mean, var = _FastTrainNorm.apply(x, weight, bias, eps, fast, None, True)
     else:
@@ -479,7 +552,9 @@ class _EvalNorm(torch.autograd.Function):
     ) -> Tensor:
         # a classic Function (ctx in forward): no per-call signature binding; the fast
         # path is never taken under torch.func transforms, which trace the plain one
-        y: Tensor = _kernels.get().forward_eval(x, running_mean, running_var, weight, bias, eps)
+        fast = _kernels.route(x)
+        assert fast is not None  # only applied where route() took the call
+        y = fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
         ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, running_mean, running_var)
@@ -488,7 +563,7 @@ class _EvalNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
         x, weight, running_mean, running_var = ctx.saved_tensors
-        shape = _channel_shape(x)
+        shape = channel_shape(x)
         invstd = _invstd(running_var.to(torch.float64), ctx.eps)
         a = invstd if weight is None else weight.to(invstd.dtype) * invstd
         gx = gw = gb = None
@@ -516,7 +591,7 @@ def normalize_eval(
     require grad); the backward is ``grad * weight / sqrt(var + eps)``.
     """
     stats_grad = running_mean.requires_grad or running_var.requires_grad
-    fast = None if stats_grad else _kernels.usable(x)
+    fast = None if stats_grad else _kernels.route(x)
     if fast is not None:
         if torch.is_grad_enabled() and (
             x.requires_grad
@@ -525,9 +600,9 @@ def normalize_eval(
         ):
             y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps)
             return y
-        return fast.forward_eval(x, running_mean, running_var, weight, bias, eps)
+        return fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
     cdt = _compute_dtype(x)
-    shape = _channel_shape(x)
+    shape = channel_shape(x)
     acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
     invstd = _invstd(running_var.to(acc), eps)
     scale, shift = _affine(weight, bias, invstd)
@@ -577,71 +652,55 @@ def batch_norm(
     ``running_var`` are given, updates them in place with ``momentum``. In eval mode,
     normalizes with ``running_mean`` / ``running_var``, which must be given.
     """
-    return _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, "batch_norm"
+    validate(
+        input,
+        where="batch_norm",
+        batch_stats=training,
+        eps=eps,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
     )
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise ValueError(f"batch_norm: momentum must be a float, got {momentum!r}")
+    return apply_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _batch_norm(
+def apply_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float | Tensor,
+    factor: float,
     eps: float,
-    where: str,
-    checked: bool = False,
 ) -> Tensor:
-    if not checked:  # the modules validate rank, channels, batch size and eps themselves
-        _check_input(input, where)
-        if training:
-            check_batch_size(input.size(), where)
-        check_eps(eps, training, where)
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            _check_per_channel(t, name, input, where)
-        _check_per_channel(bias, "bias", input, where)
-    elif not input.is_floating_point():
-        _check_input(input, where)
-    else:
-        _check_per_channel(running_mean, "running_mean", input, where)
-    _check_per_channel(weight, "weight", input, where)
+    """:func:`batch_norm` after :func:`validate` has accepted every argument (the layers
+    validate once, then call this). In training mode the given running buffers are updated
+    in place with weight ``factor`` for the new batch."""
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
-                f"{where}: running_mean and running_var must be given in eval mode "
+                "batch_norm: running_mean and running_var must be given in eval mode "
                 "(training=False); pass training=True to normalize with batch statistics"
             )
         return normalize_eval(input, running_mean, running_var, weight, bias, eps)
-    # both buffers where the fast path can update them in place
-    fast_buffers = (
-        running_mean is not None
-        and running_var is not None
-        and not isinstance(momentum, Tensor)
-        and running_mean.dtype == running_var.dtype
-        and running_mean.dtype in _kernels.FAST_DTYPES
-        and running_mean.is_cpu
-        and running_mean.is_contiguous()
-        and running_var.is_contiguous()
-    )
-    fast = _kernels.usable(input) if fast_buffers and input.numel() > 0 else None
+    fast = _kernels.route_train(input, running_mean, running_var)
     if fast is not None:  # one call: statistics, output and the running-stat update
-        running = (running_mean, running_var, float(momentum))
+        running = None
+        if running_mean is not None and running_var is not None:
+            running = (running_mean, running_var, float(factor))
         y: Tensor = _FastTrainNorm.apply(input, weight, bias, eps, fast, running, False)
         return y
     y, mean, var = normalize_train(input, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         n = input.numel() // input.shape[1]
         with torch.no_grad():
-            if fast_buffers and running_mean is not None and running_var is not None:
-                fast = _kernels.usable_for_buffers(running_mean)
-                if fast is not None:  # e.g. half input, float32 buffers: one call
-                    fast.update_running(running_mean, running_var, mean, var, n, float(momentum))
-                    return y
             rm = running_mean if running_mean is not None else mean
             rv = running_var if running_var is not None else var
-            new_mean, new_var = update_running_stats(rm, rv, mean, var, n, momentum)
+            new_mean, new_var = update_running_stats(rm, rv, mean, var, n, factor)
             if running_mean is not None:
                 running_mean.copy_(new_mean)
             if running_var is not None:

@@ -15,6 +15,8 @@ Without an initialized process group (or with world size 1) it is a plain BatchN
 from __future__ import annotations
 
 import datetime
+import itertools
+import weakref
 import zlib
 from typing import Any
 
@@ -108,14 +110,24 @@ class _SyncNorm(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-class SyncBatchNorm(_BatchNorm):
+_serial = itertools.count()
+# sync_name -> the layer that last ran under it, to catch two layers sharing one name
+_by_name: weakref.WeakValueDictionary[str, SyncBatchNorm] = weakref.WeakValueDictionary()
+
+
+class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
     r"""BatchNorm whose training statistics are those of every process's batch together.
 
     Same constructor as :class:`torch.nn.SyncBatchNorm` (``process_group`` after ``dtype``),
     plus ``timeout``: how long a forward waits for the other ranks before raising an error
-    that names the layer and call index. Works on CPU (gloo) as well as GPU (NCCL), with
-    equal, uneven or empty per-rank batches; accepts 2D to 5D input. The forward output,
-    input gradient and running statistics equal those of one BatchNorm on the concatenated
+    that names the layer and call index, and ``sync_name``: what the ranks compare to
+    make sure they are merging the same layer (default: ``SyncBatchNorm#k(C)``, k counting
+    the SyncBatchNorms this process has built, which agrees across ranks that build their
+    models the same way; ``convert(to="sync")`` uses the module's path). Two layers of one
+    process that run under one name raise an error. A subclass of
+    ``torch.nn.SyncBatchNorm``, so torch's helpers see a SyncBatchNorm. Works on CPU (gloo)
+    as well as GPU (NCCL), with equal, uneven or empty per-rank batches; accepts 2D to 5D
+    input. The forward output, input gradient and running statistics equal those of one BatchNorm on the concatenated
     global batch; weight/bias gradients are each rank's share (DDP averages them).
     """
 
@@ -134,18 +146,19 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         timeout: float = 300.0,
+        sync_name: str | None = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.process_group = process_group
         self.timeout = timeout
-        self.sync_name = f"SyncBatchNorm({num_features})"
+        self.sync_name = sync_name or f"SyncBatchNorm#{next(_serial)}({num_features})"
         self._calls = 0
 
     @property
     def _layer_id(self) -> int:
-        return zlib.crc32(self.sync_name.encode()) & 0xFFFFFF
+        return zlib.crc32(self.sync_name.encode())
 
     def _where(self) -> str:
         return f"SyncBatchNorm {self.sync_name!r} call #{self._calls}"
@@ -182,15 +195,21 @@ class SyncBatchNorm(_BatchNorm):
         work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         return packed[: a.numel()], packed[a.numel() :]
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        super()._check_input_dim(input)
-
     def forward(self, input: Tensor) -> Tensor:
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch or _group_size(self.process_group) == 1:
             return super().forward(input)
-        self._check_input_dim(input)
+        # the global batch may hold more than one value per channel: checked after the merge
+        self._validate(input, False)
         F.check_eps(self.eps, True, self._where())
+        other = _by_name.get(self.sync_name)
+        if other is not None and other is not self:
+            raise RuntimeError(
+                f"{self._where()}: another SyncBatchNorm of this process already runs as "
+                f"{self.sync_name!r}; the ranks could merge the wrong layers. Give each "
+                "layer its own sync_name (convert(model, to='sync') names them by path)"
+            )
+        _by_name[self.sync_name] = self
         self._calls += 1
         y, mean, var, count_t = _SyncNorm.apply(input, self.weight, self.bias, self.eps, self)
         if self.training:

@@ -1,8 +1,11 @@
 """BatchNorm for small and split batches: Batch Renormalization, Ghost BatchNorm, and
 accumulation-aware running statistics.
 
-All three are BatchNorms in eval mode (same buffers, same eval output), so ``fold``,
-``freeze``, ``inspect`` and ``convert`` treat them as such, and they compute through
+All three are BatchNorms in eval mode (same buffers, same eval output) and subclasses of
+``torch.nn.BatchNorm*d``, so ``fold``, ``freeze``, ``inspect``, ``convert`` and torch's own
+helpers treat them as such (``update_bn`` recomputes their statistics,
+``convert_sync_batchnorm`` turns them into torch's SyncBatchNorm, as it does any
+BatchNorm subclass; export records a BatchNorm in eval mode), and they compute through
 :mod:`bnkit.nn.functional` like every other layer.
 """
 
@@ -86,6 +89,15 @@ class _BatchRenorm(_BatchNorm):
             f"warmup_steps={self.warmup_steps}, relax_steps={self.relax_steps}"
         )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.training:
+            raise RuntimeError(
+                f"{self._layer_name()}: torch.jit.script would compile a plain BatchNorm, "
+                "which differs from this layer in training mode; script the model in eval "
+                "mode (model.eval(): there it is BatchNorm), or use torch.export"
+            )
+        return super().__prepare_scriptable__()
+
     def clips(self) -> tuple[float, float]:
         """The current ``(rmax, dmax)`` of the warm-up schedule."""
         steps: Any = self.renorm_steps
@@ -107,10 +119,7 @@ class _BatchRenorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
-        self._check_input_dim(input)
-        where = self._layer_name()
-        F.check_batch_size(input.size(), where)
-        F.check_eps(self.eps, True, where)
+        self._validate(input, True)
         assert self.running_mean is not None and self.running_var is not None
         xhat, mean, var = F.normalize_train(input, None, None, self.eps)
         rmax, dmax = self.clips()
@@ -119,7 +128,7 @@ class _BatchRenorm(_BatchNorm):
             sigma_b = torch.sqrt(var + self.eps)
             r = (sigma_b / sigma).clamp(1.0 / rmax, rmax)
             d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-dmax, dmax)
-        shape = [1, -1] + [1] * (input.dim() - 2)
+        shape = F.channel_shape(input)
         cdt = xhat.dtype if xhat.dtype == torch.float64 else torch.float32
         y = xhat.to(cdt) * r.to(cdt).view(shape) + d.to(cdt).view(shape)
         if self.weight is not None:
@@ -167,6 +176,15 @@ class _GhostBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.training:
+            raise RuntimeError(
+                f"{self._layer_name()}: torch.jit.script would compile a plain BatchNorm, "
+                "which differs from this layer in training mode; script the model in eval "
+                "mode (model.eval(): there it is BatchNorm), or use torch.export"
+            )
+        return super().__prepare_scriptable__()
+
     def _ghost(self, x: Tensor) -> Tensor:
         """Normalize ``x`` (N = G * v) as G independent batches of v: (v, G * C, *)."""
         v = self.virtual_batch_size
@@ -183,7 +201,7 @@ class _GhostBatchNorm(_BatchNorm):
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch:
             return super().forward(input)
-        self._check_input_dim(input)
+        self._validate(input, True)
         where = self._layer_name()
         v = self.virtual_batch_size
         n = input.shape[0]
@@ -191,7 +209,6 @@ class _GhostBatchNorm(_BatchNorm):
         for part in (input[:full], input[full:]):
             if part.shape[0]:
                 F.check_batch_size(part.size(), f"{where} (virtual batch of {part.shape[0]})")
-        F.check_eps(self.eps, True, where)
         pieces = []
         if full:
             pieces.append(self._ghost(input[:full]))
@@ -224,7 +241,7 @@ class StatsAccumulator:
         self.layers: list[tuple[str, Any]] = [
             (n, m)
             for n, m in model.named_modules()
-            if isinstance(m, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         if not self.layers:
             raise ValueError(f"accumulate: no BatchNorm layer in {type(model).__name__}")
@@ -267,7 +284,7 @@ class StatsAccumulator:
         xd = x.to(torch.float64)
         n = x.numel() // x.shape[1]
         mean = xd.mean(dims)
-        var = (xd - mean.view([1, -1] + [1] * (x.dim() - 2))).pow(2).mean(dims)
+        var = (xd - mean.view(F.channel_shape(x))).pow(2).mean(dims)
         _, pm, pv = F.merge_stats(prev[0], prev[1].to(mean), prev[2].to(var), n, mean, var)
         return F.normalize_eval(x, pm, pv, m.weight, m.bias, m.eps)
 
@@ -302,13 +319,15 @@ def accumulate(model: nn.Module, *, pooled: bool = False) -> Iterator[StatsAccum
         yield acc
 
 
-def _make(base: type, name: str, ranks: tuple[int, ...]) -> type:
-    return type(name, (base,), {"_ranks": ranks, "__doc__": base.__doc__, "__module__": __name__})
+def _make(base: type, name: str, torch_cls: type) -> type:
+    ranks = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,)}[torch_cls.__name__]
+    attrs = {"_ranks": ranks, "__doc__": base.__doc__, "__module__": __name__}
+    return type(name, (base, torch_cls), attrs)
 
 
-BatchRenorm1d = _make(_BatchRenorm, "BatchRenorm1d", (2, 3))
-BatchRenorm2d = _make(_BatchRenorm, "BatchRenorm2d", (4,))
-BatchRenorm3d = _make(_BatchRenorm, "BatchRenorm3d", (5,))
-GhostBatchNorm1d = _make(_GhostBatchNorm, "GhostBatchNorm1d", (2, 3))
-GhostBatchNorm2d = _make(_GhostBatchNorm, "GhostBatchNorm2d", (4,))
-GhostBatchNorm3d = _make(_GhostBatchNorm, "GhostBatchNorm3d", (5,))
+BatchRenorm1d = _make(_BatchRenorm, "BatchRenorm1d", nn.BatchNorm1d)
+BatchRenorm2d = _make(_BatchRenorm, "BatchRenorm2d", nn.BatchNorm2d)
+BatchRenorm3d = _make(_BatchRenorm, "BatchRenorm3d", nn.BatchNorm3d)
+GhostBatchNorm1d = _make(_GhostBatchNorm, "GhostBatchNorm1d", nn.BatchNorm1d)
+GhostBatchNorm2d = _make(_GhostBatchNorm, "GhostBatchNorm2d", nn.BatchNorm2d)
+GhostBatchNorm3d = _make(_GhostBatchNorm, "GhostBatchNorm3d", nn.BatchNorm3d)

@@ -1,0 +1,106 @@
+"""How bnkit's layers look to graph exporters and TorchScript.
+
+bnkit computes BatchNorm itself in eager mode. An exported graph is another matter: it
+is run by other software (ONNX Runtime, TensorRT, a TorchScript interpreter), which
+knows a BatchNorm only as one operator (``aten::batch_norm``, ONNX ``BatchNormalization``)
+and folds it into the preceding convolution. So while a graph is being captured for
+export, an eval-mode layer records torch's own ``batch_norm`` op with the layer's
+parameters and buffers: the graph is as lean as the one torch's module gives, and it
+computes the same function (``(x - running_mean) / sqrt(running_var + eps) * weight +
+bias``). In training mode the plain path is recorded (bnkit's math, as ordinary ops).
+
+* ``torch.jit.trace`` and the legacy ONNX exporter (``torch.onnx.export(dynamo=False)``,
+  which traces) and ``torch.export`` (the default ONNX exporter uses it) are detected by
+  :func:`exporting`.
+* ``torch.jit.script`` cannot compile bnkit's Python forward; it calls
+  ``__prepare_scriptable__``, which hands it :func:`as_torch`'s module: torch's class with
+  the very same parameter and buffer tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+__all__ = ["ScriptableFrozenBatchNorm", "as_torch", "eval_op", "exporting"]
+
+
+def exporting() -> bool:
+    """A graph is being captured for export (tracing, ONNX export, ``torch.export``)."""
+    return bool(
+        torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    )
+
+
+def eval_op(m: Any, input: Tensor) -> Tensor:
+    """What an exported graph records for eval-mode BatchNorm-like ``m``: torch's op, with
+    ``m``'s parameters and running statistics (validated first: a bad input still gets
+    bnkit's error)."""
+    m._validate(input, False)
+    return torch.nn.functional.batch_norm(
+        input, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps
+    )
+
+
+def _torch_class(m: Module) -> type[Module]:
+    if isinstance(m, torch.nn.SyncBatchNorm):
+        return torch.nn.SyncBatchNorm
+    ranks = getattr(m, "_ranks", ())
+    if ranks == (2, 3):
+        return torch.nn.BatchNorm1d
+    if ranks == (4,):
+        return torch.nn.BatchNorm2d
+    if ranks == (5,):
+        return torch.nn.BatchNorm3d
+    raise TypeError(f"{type(m).__name__}: no torch BatchNorm class for input ranks {ranks}")
+
+
+def as_torch(m: Any) -> Module:
+    """Torch's BatchNorm module for bnkit's ``m``, sharing its parameter and buffer
+    tensors (not copies) and its flags. Used for TorchScript."""
+    cls = _torch_class(m)
+    new: Any = cls(
+        m.num_features,
+        eps=m.eps,
+        momentum=m.momentum,
+        affine=m.affine,
+        track_running_stats=m.track_running_stats,
+        device="meta",
+    )
+    for name in ("weight", "bias"):
+        new._parameters[name] = m._parameters.get(name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[name] = m._buffers.get(name)
+    new.train(m.training)
+    return new  # type: ignore[no-any-return]
+
+
+class ScriptableFrozenBatchNorm(Module):
+    """What ``torch.jit.script`` compiles for a FrozenBatchNorm: the running statistics
+    always, whatever the training flag; the same buffers."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, m: Any) -> None:
+        super().__init__()
+        self.eps = float(m.eps)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            self._buffers[name] = m._buffers[name]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.nn.functional.batch_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            False,
+            0.0,
+            self.eps,
+        )
