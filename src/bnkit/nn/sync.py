@@ -120,15 +120,17 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
 
     Same constructor as :class:`torch.nn.SyncBatchNorm` (``process_group`` after ``dtype``),
     plus ``timeout``: how long a forward waits for the other ranks before raising an error
-    that names the layer and call index, and ``sync_name``: what the ranks compare to
-    make sure they are merging the same layer (default: ``SyncBatchNorm#k(C)``, k counting
-    the SyncBatchNorms this process has built, which agrees across ranks that build their
+    that names the layer and call index, and ``sync_name``: what the ranks compare to make
+    sure they are merging the same layer (default: ``SyncBatchNorm#k(C)``, k counting the
+    SyncBatchNorms this process has built, which agrees across ranks that build their
     models the same way; ``convert(to="sync")`` uses the module's path). Two layers of one
     process that run under one name raise an error. A subclass of
-    ``torch.nn.SyncBatchNorm``, so torch's helpers see a SyncBatchNorm. Works on CPU (gloo)
-    as well as GPU (NCCL), with equal, uneven or empty per-rank batches; accepts 2D to 5D
-    input. The forward output, input gradient and running statistics equal those of one BatchNorm on the concatenated
-    global batch; weight/bias gradients are each rank's share (DDP averages them).
+    ``torch.nn.SyncBatchNorm``, so torch's helpers see a SyncBatchNorm.
+
+    Works on CPU (gloo) as well as GPU (NCCL), with equal, uneven or empty per-rank
+    batches; accepts 2D to 5D input. The forward output, input gradient and running
+    statistics equal those of one BatchNorm on the concatenated global batch; weight/bias
+    gradients are each rank's share (DDP averages them).
     """
 
     _ranks = (2, 3, 4, 5)
