@@ -50,15 +50,19 @@ def test_keras_update_rule_matches_torch_with_converted_momentum() -> None:
 
 
 @pytest.mark.parametrize("framework", ["keras", "flax"])
-def test_round_trip_is_identity(framework: str) -> None:
+@pytest.mark.parametrize("rescale", [None, 16])
+def test_round_trip_is_identity(framework: str, rescale: int | None) -> None:
     bn = _trained_bn()
     export = bnkit.to_keras if framework == "keras" else bnkit.to_flax
     imp = bnkit.from_keras if framework == "keras" else bnkit.from_flax
-    conv = export(bn, n=16)
+    conv = export(bn, rescale_variance_for_training=rescale)
     back, notes = imp(
-        conv.weights, momentum=conv.config["momentum"], epsilon=conv.config["epsilon"], n=16
+        conv.weights,
+        momentum=conv.config["momentum"],
+        epsilon=conv.config["epsilon"],
+        rescale_variance_for_training=rescale,
     )
-    assert notes == []
+    assert (notes == []) == (rescale is None)
     assert back.eps == bn.eps and back.momentum == pytest.approx(bn.momentum)
     for k in ("weight", "bias", "running_mean", "running_var"):
         torch.testing.assert_close(getattr(back, k).double(), getattr(bn, k).double())
@@ -66,16 +70,23 @@ def test_round_trip_is_identity(framework: str) -> None:
     torch.testing.assert_close(back.eval()(x), bn(x))
 
 
-def test_keras_names_and_biased_variance() -> None:
+def test_keras_names_variance_copied_unless_rescale_asked() -> None:
     bn = _trained_bn()
-    conv = bnkit.to_keras(bn, n=16)
-    assert set(conv.weights) == {"gamma", "beta", "moving_mean", "moving_variance"}
+    plain = bnkit.to_keras(bn)
+    assert set(plain.weights) == {"gamma", "beta", "moving_mean", "moving_variance"}
+    np.testing.assert_array_equal(plain.weights["moving_variance"], bn.running_var.double().numpy())
+    assert plain.notes == [] and plain.config["momentum"] == pytest.approx(0.99)
+    rescaled = bnkit.to_keras(bn, rescale_variance_for_training=16)
     np.testing.assert_allclose(
-        conv.weights["moving_variance"], bn.running_var.double().numpy() * 15 / 16
+        rescaled.weights["moving_variance"], bn.running_var.double().numpy() * 15 / 16
     )
-    assert conv.config["momentum"] == pytest.approx(0.99)
-    unknown = bnkit.to_keras(bn)
-    assert any("cannot" in n or "copied as it is" in n for n in unknown.notes)
+    assert any("inference outputs differ" in n for n in rescaled.notes)
+    with pytest.warns(DeprecationWarning, match="n= is deprecated"):
+        old = bnkit.to_keras(bn, n=16)
+    old_var, new_var = old.weights["moving_variance"], rescaled.weights["moving_variance"]
+    np.testing.assert_array_equal(old_var, new_var)
+    with pytest.raises(ValueError, match="rescale_variance_for_training must be an int >= 2"):
+        bnkit.to_keras(bn, rescale_variance_for_training=1)
 
 
 def test_flax_nested_dict_and_defaults() -> None:
@@ -85,13 +96,21 @@ def test_flax_nested_dict_and_defaults() -> None:
     }
     bn, notes = bnkit.from_flax(weights, dims=1)
     assert isinstance(bn, bnkit.BatchNorm1d) and bn.eps == 1e-5
-    assert bn.momentum == pytest.approx(0.01) and notes  # variance note without n
+    assert bn.momentum == pytest.approx(0.01) and notes == []
     torch.testing.assert_close(bn.running_mean, torch.arange(4.0))
 
 
 def test_import_errors_name_what_is_missing() -> None:
     with pytest.raises(ValueError, match=r"missing \['moving_variance'\]"):
         bnkit.from_keras({"moving_mean": np.zeros(3)})
+    with pytest.raises(ValueError, match="moving_mean has 3 values but moving_variance has 2"):
+        bnkit.from_keras({"moving_mean": np.zeros(3), "moving_variance": np.ones(2)})
+    with pytest.raises(ValueError, match="one value per channel"):
+        bnkit.from_keras({"moving_mean": np.zeros((3, 1)), "moving_variance": np.ones(3)})
+    with pytest.raises(TypeError, match="gamma must be an array of numbers"):
+        bnkit.from_keras({"moving_mean": np.zeros(3), "moving_variance": np.ones(3), "gamma": "x"})
+    with pytest.raises(TypeError, match="expected a dict of arrays"):
+        bnkit.from_flax([1, 2, 3])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no running statistics"):
         bnkit.to_keras(nn.BatchNorm1d(3, track_running_stats=False))
 

@@ -19,13 +19,14 @@ bias``). In training mode the plain path is recorded (bnkit's math, as ordinary 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
-__all__ = ["ScriptableFrozenBatchNorm", "as_torch", "eval_op", "exporting"]
+__all__ = ["as_torch", "eval_op", "exporting", "register_fusers"]
 
 
 def exporting() -> bool:
@@ -39,7 +40,10 @@ def eval_op(m: Any, input: Tensor) -> Tensor:
     """What an exported graph records for eval-mode BatchNorm-like ``m``: torch's op, with
     ``m``'s parameters and running statistics (validated first: a bad input still gets
     bnkit's error)."""
-    m._validate(input, False)
+    with warnings.catch_warnings():
+        # the checks read sizes, which a tracer records as tensors and warns about
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        m._validate(input, False)
     return torch.nn.functional.batch_norm(
         input, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps
     )
@@ -78,29 +82,24 @@ def as_torch(m: Any) -> Module:
     return new  # type: ignore[no-any-return]
 
 
-class ScriptableFrozenBatchNorm(Module):
-    """What ``torch.jit.script`` compiles for a FrozenBatchNorm: the running statistics
-    always, whatever the training flag; the same buffers."""
+def register_fusers(pairs: dict[type[Module], type[Module]]) -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fuse bnkit's BatchNorms as it fuses
+    torch's. Its table of fusable patterns is keyed by exact classes, so each pattern that
+    names a torch class of ``pairs`` (bnkit class -> torch class) gets a twin naming
+    bnkit's; the twin hands torch's fuser :func:`as_torch`'s module (same tensors)."""
+    from torch.ao.quantization import fuser_method_mappings as fm
 
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
+    table: dict[tuple[Any, ...], Any] = fm._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    for pattern, fuser in list(table.items()):
+        for ours, theirs in pairs.items():
+            if theirs not in pattern:
+                continue
+            twin = tuple(ours if t is theirs else t for t in pattern)
+            table.setdefault(twin, _with_torch_batchnorm(fuser, ours))
 
-    def __init__(self, m: Any) -> None:
-        super().__init__()
-        self.eps = float(m.eps)
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            self._buffers[name] = m._buffers[name]
 
-    def forward(self, input: Tensor) -> Tensor:
-        return torch.nn.functional.batch_norm(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            False,
-            0.0,
-            self.eps,
-        )
+def _with_torch_batchnorm(fuser: Any, ours: type[Module]) -> Any:
+    def fuse(is_qat: bool, *mods: Module) -> Any:
+        return fuser(is_qat, *(as_torch(m) if type(m) is ours else m for m in mods))
+
+    return fuse

@@ -249,6 +249,14 @@ class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d, _LazyBatchNorm):  # type: ignore
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 
+_export.register_fusers(
+    {
+        BatchNorm1d: torch.nn.BatchNorm1d,
+        BatchNorm2d: torch.nn.BatchNorm2d,
+        BatchNorm3d: torch.nn.BatchNorm3d,
+    }
+)
+
 for _cls, _rank, _shape, _ex in (
     (BatchNorm1d, "2D or 3D", "(N, C) or (N, C, L)", "8, 4"),
     (BatchNorm2d, "4D", "(N, C, H, W)", "8, 4, 5, 5"),

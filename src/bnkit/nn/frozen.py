@@ -20,6 +20,7 @@ from torch.nn import Module
 
 from bnkit.nn import _export
 from bnkit.nn import functional as F
+from bnkit.nn._scriptable import ScriptableFrozenBatchNorm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -86,7 +87,7 @@ class _FrozenBatchNorm(Module):
 
     def __prepare_scriptable__(self) -> Module:
         """``torch.jit.script`` compiles an equivalent module on the same buffers."""
-        return _export.ScriptableFrozenBatchNorm(self)
+        return ScriptableFrozenBatchNorm(self)
 
     def _load_from_state_dict(
         self,

@@ -1,0 +1,167 @@
+"""torch's own helpers treat bnkit's layers as they treat torch's (no mocks: the real
+helpers, on the same model with torch's and with bnkit's BatchNorms)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+from tests.conftest import random_input
+
+TORCH_OF = {
+    bnkit.BatchNorm1d: nn.BatchNorm1d,
+    bnkit.BatchNorm2d: nn.BatchNorm2d,
+    bnkit.BatchNorm3d: nn.BatchNorm3d,
+    bnkit.LazyBatchNorm1d: nn.LazyBatchNorm1d,
+    bnkit.LazyBatchNorm2d: nn.LazyBatchNorm2d,
+    bnkit.LazyBatchNorm3d: nn.LazyBatchNorm3d,
+    bnkit.BatchRenorm2d: nn.BatchNorm2d,
+    bnkit.GhostBatchNorm2d: nn.BatchNorm2d,
+    bnkit.SyncBatchNorm: nn.SyncBatchNorm,
+}
+
+
+def cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+        nn.BatchNorm1d(5),
+    )
+
+
+def pair() -> tuple[nn.Module, nn.Module]:
+    ref = cnn()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return ref, bnkit.convert(copy.deepcopy(ref), to="bnkit")
+
+
+def batches(k: int = 3) -> list[torch.Tensor]:
+    return [random_input((6, 3, 12, 12), seed=s) for s in range(k)]
+
+
+def assert_same_state(ref: nn.Module, ours: nn.Module) -> None:
+    for (name, a), (_, b) in zip(ref.state_dict().items(), ours.state_dict().items(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cls", list(TORCH_OF))
+def test_isinstance_of_torch_classes(cls: type) -> None:
+    kwargs = {} if "Lazy" in cls.__name__ else {"num_features": 4}
+    m = cls(**kwargs)
+    assert isinstance(m, TORCH_OF[cls])
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+    assert type(m).__module__.startswith("bnkit.")
+
+
+def test_frozen_is_deliberately_not_a_torch_batchnorm() -> None:
+    assert not isinstance(bnkit.FrozenBatchNorm2d(4), nn.modules.batchnorm._BatchNorm)
+
+
+def test_convert_to_torch_still_gives_torch_classes() -> None:
+    _, ours = pair()
+    back = bnkit.convert(ours, to="torch")
+    assert {type(m) for m in back.modules()} >= {nn.BatchNorm2d, nn.BatchNorm1d}
+    assert not any(type(m).__module__.startswith("bnkit") for m in back.modules())
+
+
+def test_swa_update_bn() -> None:
+    from torch.optim.swa_utils import update_bn
+
+    ref, ours = pair()
+    update_bn(batches(), ref)
+    update_bn(batches(), ours)
+    assert int(ours[1].num_batches_tracked) == 3
+    assert_same_state(ref, ours)
+
+
+def test_convert_sync_batchnorm() -> None:
+    ref, ours = pair()
+    s_ref = nn.SyncBatchNorm.convert_sync_batchnorm(ref)
+    s_ours = nn.SyncBatchNorm.convert_sync_batchnorm(ours)
+    assert [type(m) for m in s_ours.modules()] == [type(m) for m in s_ref.modules()]
+    assert sum(type(m) is nn.SyncBatchNorm for m in s_ours.modules()) == 3
+    assert_same_state(s_ref, s_ours)
+
+
+def test_replace_all_batch_norm_modules_then_vmap_in_training() -> None:
+    from torch.func import replace_all_batch_norm_modules_, vmap
+
+    ref, ours = pair()
+    replace_all_batch_norm_modules_(ref)
+    replace_all_batch_norm_modules_(ours)
+    assert all(m.running_mean is None for m in ours.modules() if hasattr(m, "running_mean"))
+    xs = torch.stack(batches(2))
+    torch.testing.assert_close(vmap(ours.train())(xs), vmap(ref.train())(xs))
+
+
+@pytest.mark.parametrize("layout", ["plain", "relu"])
+def test_quantization_fuse_modules_eval(layout: str) -> None:
+    from torch.ao.quantization import fuse_modules
+
+    ref, ours = pair()
+    for _ in range(2):
+        for x in batches():
+            ref(x), ours(x)
+    ref.eval(), ours.eval()
+    groups = [["0", "1", "2"], ["3", "4"]] if layout == "relu" else [["0", "1"], ["3", "4"]]
+    f_ref = fuse_modules(copy.deepcopy(ref), groups)
+    f_ours = fuse_modules(copy.deepcopy(ours), groups)
+    assert [type(m).__name__ for m in f_ours.modules()] == [
+        type(m).__name__ for m in f_ref.modules()
+    ]
+    x = random_input((5, 3, 12, 12), seed=9)
+    torch.testing.assert_close(f_ours(x), f_ref(x))
+    torch.testing.assert_close(f_ours(x), ours(x), rtol=1e-4, atol=1e-5)
+
+
+def test_quantization_fuse_modules_qat_keeps_the_tensors() -> None:
+    from torch.ao.quantization import fuse_modules_qat
+
+    _, ours = pair()
+    fused = fuse_modules_qat(ours.train(), [["0", "1"]], inplace=False)
+    assert type(fused[0]).__name__ == "ConvBn2d"
+    assert type(fused[0][1]) is nn.BatchNorm2d  # QAT's ConvBn2d demands torch's class
+    torch.testing.assert_close(fused[0][1].weight, ours[1].weight)
+
+
+def test_fuse_conv_bn_eval() -> None:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    ref, ours = pair()
+    for x in batches():
+        ref(x), ours(x)
+    ref.eval(), ours.eval()
+    f_ref = fuse_conv_bn_eval(ref[0], ref[1])
+    f_ours = fuse_conv_bn_eval(ours[0], ours[1])
+    x = random_input((5, 3, 12, 12), seed=9)
+    torch.testing.assert_close(f_ours(x), f_ref(x))
+
+
+def test_fvcore_precise_bn() -> None:
+    from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+
+    ref, ours = pair()
+    assert len(get_bn_modules(ours.train())) == 3
+    update_bn_stats(ref.train(), batches(4), num_iters=4)
+    update_bn_stats(ours.train(), batches(4), num_iters=4)
+    assert_same_state(ref, ours)
+    assert any((m.running_var != 1).any() for m in get_bn_modules(ours))
