@@ -11,6 +11,16 @@ import bnkit
 __all__ = ["main", "build_parser"]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bnkit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -101,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="'embedded' or 'idx:DIR' (MNIST test images) or 'tensor:FILE.pt' (a saved batch)",
     )
-    dia.add_argument("--batch-size", type=int, default=64, help="samples in the batch (64)")
+    dia.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="samples in the batch (64)"
+    )
     dia.add_argument(
         "--trust", action="store_true", help="allow unpickling the model (runs code from it)"
     )
@@ -133,6 +145,10 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     else:
         from bnkit.lab.data import load
 
+        if args.data != "embedded" and not args.data.startswith("idx:"):
+            raise ValueError(
+                f"--data {args.data!r}: expected 'embedded', 'idx:DIR' or 'tensor:FILE.pt'"
+            )
         batch = load(args.data).test_x
     findings = diagnose(model, batch[: args.batch_size])
     if args.json:
@@ -272,6 +288,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"torch {torch.__version__}  numpy {numpy.__version__}  python {platform.python_version()}"
     )
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
+    from bnkit.nn import _kernels
+
+    print(f"backend asked for: {_kernels.backend()} (BNKIT_BACKEND; one of {_kernels.BACKENDS})")
+    print("  plain: available (PyTorch ops; every device, dtype and transform)")
+    if _kernels.backend() == "plain":
+        print("  cpp:   not tried (BNKIT_BACKEND=plain)")
+    else:
+        ok = _kernels.available()  # builds it once if needed
+        state = "available" if ok else f"unavailable ({_kernels.failure() or 'no compiler'})"
+        print(f"  cpp:   {state} (CPU float32/float64, contiguous or channels_last)")
     return 0
 
 

@@ -21,7 +21,7 @@ TORCH_OF = {
     bnkit.LazyBatchNorm3d: nn.LazyBatchNorm3d,
     bnkit.BatchRenorm2d: nn.BatchNorm2d,
     bnkit.GhostBatchNorm2d: nn.BatchNorm2d,
-    bnkit.SyncBatchNorm: nn.SyncBatchNorm,
+    bnkit.SyncBatchNorm: nn.modules.batchnorm._BatchNorm,  # not nn.SyncBatchNorm: see below
 }
 
 
@@ -70,6 +70,11 @@ def test_isinstance_of_torch_classes(cls: type) -> None:
     assert isinstance(m, TORCH_OF[cls])
     assert isinstance(m, nn.modules.batchnorm._BatchNorm)
     assert type(m).__module__.startswith("bnkit.")
+
+
+def test_sync_is_deliberately_not_torch_sync_class() -> None:
+    """DDP refuses torch.nn.SyncBatchNorm (and its subclasses) on CPU; bnkit's works there."""
+    assert not isinstance(bnkit.SyncBatchNorm(4), nn.SyncBatchNorm)
 
 
 def test_frozen_is_deliberately_not_a_torch_batchnorm() -> None:

@@ -132,3 +132,15 @@ def test_cli_diagnose(tmp_path: Path, capsys) -> None:
     assert "--trust" in capsys.readouterr().err
     assert main(["diagnose", str(mpath), "--trust", "--data", f"tensor:{bpath}"]) == 1
     assert "inference in training mode at 1" in capsys.readouterr().out
+
+
+def test_non_finite_batch_is_named_as_such() -> None:
+    model, batch = _healthy()
+    batch = batch.clone()
+    batch[3, 0, 2, 2] = float("nan")
+    findings = bnkit.diagnose(model, batch)
+    kinds = [f.kind for f in findings]
+    assert "non-finite input" in kinds, kinds
+    f = findings[kinds.index("non-finite input")]
+    assert f.layer == "1" and "inf/NaN value(s)" in f.evidence
+    assert not any("x the running variance" in g.evidence for g in findings)

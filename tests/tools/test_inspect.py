@@ -112,3 +112,15 @@ def test_missing_corrupt_and_empty(tmp_path: Path, capsys) -> None:
     torch.save({"a": 1}, other)
     with pytest.raises(ValueError, match="no state_dict found"):
         bni.find_state_dict(bni.load_checkpoint(other))
+
+
+def test_corrupt_files_and_directories_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    """Every one-byte variation of a tiny file, and a directory: exit 2 with one line."""
+    for b in range(256):
+        p = tmp_path / f"f{b}.pt"
+        p.write_bytes(bytes([b]) + b"ello world")
+        assert main(["inspect", str(p)]) == 2, b
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bnkit inspect: error:") and "\n" not in err, (b, err)
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -155,6 +155,11 @@ def get() -> Any:
     return _module
 
 
+def failure() -> str | None:
+    """Why the C++ fast path could not be built in this process, if it could not."""
+    return _failed
+
+
 def available() -> bool:
     """Whether the C++ fast path can be used in this process."""
     return get() is not None

@@ -115,7 +115,7 @@ _serial = itertools.count()
 _by_name: weakref.WeakValueDictionary[str, SyncBatchNorm] = weakref.WeakValueDictionary()
 
 
-class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm):
     r"""BatchNorm whose training statistics are those of every process's batch together.
 
     Same constructor as :class:`torch.nn.SyncBatchNorm` (``process_group`` after ``dtype``),
@@ -124,8 +124,12 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
     sure they are merging the same layer (default: ``SyncBatchNorm#k(C)``, k counting the
     SyncBatchNorms this process has built, which agrees across ranks that build their
     models the same way; ``convert(to="sync")`` uses the module's path). Two layers of one
-    process that run under one name raise an error. A subclass of
-    ``torch.nn.SyncBatchNorm``, so torch's helpers see a SyncBatchNorm.
+    process that run under one name raise an error.
+
+    It is a ``torch.nn.modules.batchnorm._BatchNorm`` (torch's helpers see a BatchNorm) but
+    deliberately not a ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses that
+    class on CPU ("SyncBatchNorm layers only work with GPU modules"), and this one is meant
+    to work there.
 
     Works on CPU (gloo) as well as GPU (NCCL), with equal, uneven or empty per-rank
     batches; accepts 2D to 5D input. The forward output, input gradient and running

@@ -625,6 +625,16 @@ def conform(
                 )
             )
             return report
+    else:
+        try:
+            probe_module.to(dtype).train()(_data(rank, 0).to(dtype))
+        except Exception as exc:
+            # a rank the layer refuses is a wrong argument, not a departure from torch
+            raise ValueError(
+                f"rank={rank}: {name} does not run on {rank}D input ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); leave rank out to find one "
+                "it accepts"
+            ) from exc
     checker = _Checker(adapter, report, dtype)
     try:
         checker.run()

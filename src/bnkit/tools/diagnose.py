@@ -209,6 +209,21 @@ def _check_gap(model: nn.Module, inputs: dict[str, Tensor]) -> list[Finding]:
             continue
         if not (torch.isfinite(rm).all() and torch.isfinite(rv).all()):
             continue  # reported as non-finite statistics
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            return [
+                Finding(
+                    "error",
+                    "non-finite input",
+                    name,
+                    f"the batch reaching this layer holds {bad} inf/NaN value(s) of "
+                    f"{x.numel()}: in training mode they make this channel's statistics "
+                    "(and running statistics) NaN, as in torch",
+                    "find where the inf/NaN first appears (a diverging loss, a division by "
+                    "zero, bad data); bnkit.StatsGuard keeps such batches out of the running "
+                    "statistics meanwhile",
+                )
+            ]
         mean, var = F.batch_stats(x)
         rv64 = rv.double().clamp_min(1e-12)
         ratio = (var / rv64).median().item()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import zipfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,10 +53,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any
     that needs ``trust=True`` (a pickled model: loading it runs code from the file).
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"checkpoint {p}: is a directory, expected a file from torch.save")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p}: no such file")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on some broken files: one line is ours
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch names the classes it refuses ("Unsupported global"); anything else (e.g.
         # "Unsupported operand" for bytes that are no pickle at all) is a broken file
@@ -69,12 +73,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any
                 "tensors), so it cannot be loaded with weights_only=True; loading it runs code "
                 "from the file. If you trust it, pass --trust (trust=True)"
             ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError) as exc:
-        raise ValueError(f"checkpoint {p}: corrupt or not a torch file ({exc})") from exc
+    except Exception as exc:  # a broken file fails in many ways (IndexError, KeyError, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(
+            f"checkpoint {p}: corrupt or not a torch file ({type(exc).__name__}: {first})"
+        ) from exc
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:  # any failure of an arbitrary pickle
-        raise ValueError(f"checkpoint {p}: could not be unpickled ({exc})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(
+            f"checkpoint {p}: could not be unpickled ({type(exc).__name__}: {first})"
+        ) from exc
 
 
 def _is_state_dict(obj: Any) -> bool:
