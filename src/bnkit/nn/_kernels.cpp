@@ -600,6 +600,20 @@ void update_running_impl(at::Tensor& running_mean, at::Tensor& running_var, cons
   });
 }
 
+}  // namespace
+
+// Whether this build uses x86 intrinsics (non-temporal stores); false for -DBNKIT_PORTABLE
+// and on every other architecture.
+bool x86_intrinsics() {
+#if defined(BNKIT_X86)
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 // Preconditions of every entry point, checked here whatever the Python side did: a bad
 // tensor is an exception with a message, never a memory error.
 void check_input(const at::Tensor& x, const char* fn) {

@@ -112,6 +112,7 @@ def _build() -> Any:
         name=name,
         cpp_sources=[source],
         functions=[
+            "x86_intrinsics",
             "forward_train",
             "backward_train",
             "forward_eval",
