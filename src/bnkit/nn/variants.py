@@ -216,7 +216,7 @@ class _GhostBatchNorm(_BatchNorm):
             y_rest, _, _ = F.normalize_train(input[full:], self.weight, self.bias, self.eps)
             pieces.append(y_rest)
         y = torch.cat(pieces) if len(pieces) > 1 else (pieces[0] if pieces else input * 1.0)
-        if self.training and self.track_running_stats and n > 0:
+        if self.training and self.track_running_stats and input.numel() > 0:
             mean, var = F.batch_stats(input)
             track_batch(self, mean, var, input.numel() // input.shape[1])
         elif self.training and self.track_running_stats:
