@@ -22,13 +22,36 @@ def test_backend_choice_and_validation(monkeypatch: pytest.MonkeyPatch, backend:
     _kernels.set_backend(backend)
 
 
+class _Forbidden:
+    """Stands in for the loaded extension: any use of it fails the test."""
+
+    def __getattr__(self, name: str) -> None:
+        raise AssertionError(f"the extension was called ({name})")
+
+
+def _every_entry_point() -> None:
+    x = random_input((4, 3, 3, 3)).requires_grad_()
+    bn = bnkit.BatchNorm2d(3)
+    bn(x).sum().backward()  # training forward + backward (fused running update)
+    bn.eval()(x).sum().backward()  # eval forward + backward
+    bnkit.functional.batch_stats(x.detach())
+    bnkit.functional.batch_norm_stateless(x, None, None, training=True).output.sum().backward()
+
+
 def test_plain_backend_never_calls_the_extension(
     monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     if backend != "plain":
         pytest.skip("plain only")
-    monkeypatch.setattr(_kernels, "_build", lambda: (_ for _ in ()).throw(AssertionError))
-    bnkit.BatchNorm2d(3)(random_input((4, 3, 3, 3))).sum()
+    monkeypatch.setattr(_kernels, "_module", _Forbidden())
+    monkeypatch.setattr(_kernels, "_fast", None)
+    monkeypatch.setattr(_kernels, "_build", _Forbidden)
+    _every_entry_point()
+    # the same stand-in does fail the cpp backend: the check above can fail
+    _kernels.set_backend("cpp")
+    with pytest.raises(AssertionError, match="the extension was called"):
+        _every_entry_point()
+    _kernels.set_backend("plain")
 
 
 @pytest.mark.parametrize("shape", [(64, 32, 7, 7), (256, 64)])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnkit
-from tests.conftest import random_input, reference_train
+from tests.conftest import random_input, reference_eval, reference_train
 
 
 def _renorm_reference(x, w, b, rm, rv, eps, rmax, dmax):
@@ -24,6 +24,18 @@ def _renorm_reference(x, w, b, rm, rv, eps, rmax, dmax):
     d = ((mean - rm) / sigma).clamp(-dmax, dmax).detach()
     xhat = (x - mean.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
     return xhat * w.view(shape) + b.view(shape)
+
+
+def _expected_running(
+    x: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor, momentum: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's rule from the definition: (1 - m) * old + m * batch, unbiased batch var."""
+    xd = x.double()
+    dims = [0, *range(2, x.dim())]
+    mean = xd.mean(dims)
+    var = xd.var(dims, correction=1)
+    f = 1.0 if momentum is None else momentum
+    return (1 - f) * rm.double() + f * mean, (1 - f) * rv.double() + f * var
 
 
 @pytest.mark.parametrize(
@@ -55,18 +67,14 @@ def test_batch_renorm_matches_the_paper_with_gradients(cls, shape) -> None:
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-11, rtol=0)
     torch.testing.assert_close(m.weight.grad, w.grad, atol=1e-11, rtol=0)
     torch.testing.assert_close(m.bias.grad, b.grad, atol=1e-11, rtol=0)
-    # running statistics follow BatchNorm's rule; eval is BatchNorm's eval
-    bn = nn.BatchNorm2d(3).double() if len(shape) == 4 else None
-    if bn is not None:
-        bn.momentum = m.momentum
-        with torch.no_grad():
-            bn.running_mean.copy_(rm)
-            bn.running_var.copy_(rv)
-        bn(x.detach())
-        torch.testing.assert_close(m.running_var, bn.running_var)
-        bn.eval(), m.eval()
-        bn.load_state_dict({k: v for k, v in m.state_dict().items() if k != "renorm_steps"})
-        torch.testing.assert_close(m(x.detach()), bn(x.detach()))
+    # running statistics follow BatchNorm's rule (float64 closed form, every rank)
+    exp_mean, exp_var = _expected_running(x.detach(), rm, rv, m.momentum)
+    torch.testing.assert_close(m.running_mean, exp_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(m.running_var, exp_var, atol=1e-12, rtol=0)
+    # eval is BatchNorm's eval
+    m.eval()
+    ref_eval = reference_eval(x.detach(), m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+    torch.testing.assert_close(m(x.detach()), ref_eval, atol=1e-12, rtol=0)
     assert int(m.renorm_steps) == 1
 
 
@@ -117,14 +125,13 @@ def test_ghost_batchnorm_normalizes_each_virtual_batch(n: int) -> None:
     ]
     (torch.cat(parts) * torch.arange(y.numel()).view_as(y)).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=0)
-    # running statistics: the exact statistics of the whole batch, as a BatchNorm's
-    bn = bnkit.BatchNorm2d(3).double()
-    bn(x.detach())
-    torch.testing.assert_close(m.running_mean, bn.running_mean)
-    torch.testing.assert_close(m.running_var, bn.running_var)
-    bn.load_state_dict(m.state_dict())
-    m.eval(), bn.eval()
-    torch.testing.assert_close(m(x.detach()), bn(x.detach()), atol=1e-12, rtol=0)
+    # running statistics: the exact statistics of the whole batch (float64 closed form)
+    exp_mean, exp_var = _expected_running(x.detach(), torch.zeros(3), torch.ones(3), m.momentum)
+    torch.testing.assert_close(m.running_mean, exp_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(m.running_var, exp_var, atol=1e-12, rtol=0)
+    m.eval()
+    ref_eval = reference_eval(x.detach(), m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+    torch.testing.assert_close(m(x.detach()), ref_eval, atol=1e-12, rtol=0)
 
 
 def test_ghost_batchnorm_errors_and_half() -> None:
