@@ -127,8 +127,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
     import torch
 
+    from bnkit.tools.checkpoints import load_checkpoint
     from bnkit.tools.diagnose import diagnose
-    from bnkit.tools.inspect import load_checkpoint
 
     model = load_checkpoint(args.model, trust=args.trust)
     if not isinstance(model, torch.nn.Module):
@@ -209,7 +209,7 @@ def _cmd_conform(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from bnkit.tools import inspect as bni
+    from bnkit.tools import checkpoints as bni
 
     sd, info = bni.find_state_dict(bni.load_checkpoint(args.checkpoint, trust=args.trust))
     stats = bni.summarize(sd, info.get("momentum"))
@@ -225,38 +225,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    head = (
-        f"{'layer':<28} {'C':>5} {'mean(rm)':>9} {'min(rm)':>9} {'max(rm)':>9} {'mean(rv)':>9} "
-        f"{'min(rv)':>9} {'max(rv)':>9} {'batches':>8} {'mean(w)':>8} {'mean(b)':>8}  flags"
-    )
-    print(head)
-    for s in stats:
-
-        def num(v: float | None, w: int = 9) -> str:
-            return f"{'-':>{w}}" if v is None else f"{v:>{w}.3g}"
-
-        print(
-            f"{s.name[-28:]:<28} {s.channels:>5} {num(s.mean_mean)} {num(s.mean_min)} "
-            f"{num(s.mean_max)} {num(s.var_mean)} {num(s.var_min)} {num(s.var_max)} "
-            f"{'-' if s.num_batches_tracked is None else s.num_batches_tracked:>8} "
-            f"{num(s.weight_mean, 8)} {num(s.bias_mean, 8)}  {'; '.join(s.flags)}"
-        )
-    flagged = sum(1 for s in stats if s.flags)
-    print(f"{len(stats)} BatchNorm layer(s), {flagged} flagged")
+    print(bni.format_table(stats))
     if args.compare:
         print(f"\nchanges from {args.checkpoint} to {args.compare} (relative L2):")
-        for row in result["compare"]:  # type: ignore[attr-defined]
-            if "only_in" in row:
-                print(f"  {row['layer']}: only in the {row['only_in']} checkpoint")
-                continue
-            rm, rv = (
-                f"{v:.3g}" if isinstance(v, float) else str(v)
-                for v in (row["running_mean"], row["running_var"])
-            )
-            print(
-                f"  {row['layer']:<28} mean {rm:>10} var {rv:>10} "
-                f"batches {row['num_batches_tracked']}"
-            )
+        print(bni.format_compare(result["compare"]))  # type: ignore[arg-type]
     return 0
 
 

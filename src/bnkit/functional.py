@@ -1,19 +1,5 @@
-"""``bnkit.functional``: the functional forms (an alias of :mod:`bnkit.nn.functional`)."""
+"""``bnkit.functional``: the functional forms and the math, the same names as
+:mod:`bnkit.nn.functional` (one namespace, two spellings)."""
 
-from bnkit.nn.functional import (
-    BatchNormState,
-    batch_norm,
-    batch_norm_stateless,
-    batch_stats,
-    merge_stats,
-    update_running_stats,
-)
-
-__all__ = [
-    "BatchNormState",
-    "batch_norm",
-    "batch_norm_stateless",
-    "batch_stats",
-    "merge_stats",
-    "update_running_stats",
-]
+from bnkit.nn.functional import *  # noqa: F403
+from bnkit.nn.functional import __all__ as __all__

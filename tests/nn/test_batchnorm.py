@@ -1,4 +1,4 @@
-"""bnkit's BatchNorm modules, point by point against SEMANTICS.md and torch 2.13."""
+"""bnkit's BatchNorm modules, point by point against docs/semantics.md and torch 2.13."""
 
 from __future__ import annotations
 

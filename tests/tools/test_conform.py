@@ -12,10 +12,11 @@ from torch import nn
 import bnkit
 from bnkit.cli import main
 from bnkit.lab.scratch import bad_backward, d2l, keras_momentum, per_element
+from bnkit.tools.conform import PROBES
 
 
 def _status(report: bnkit.tools.conform.ConformReport) -> dict[str, tuple[str, str]]:
-    return {p.name: (p.status, p.diagnosis) for p in report.probes}
+    return {p.id: (p.status, p.diagnosis) for p in report.probes}
 
 
 @pytest.mark.parametrize(
@@ -24,43 +25,43 @@ def _status(report: bnkit.tools.conform.ConformReport) -> dict[str, tuple[str, s
 def test_correct_implementations_pass_everything(target) -> None:
     report = bnkit.conform(target)
     assert report.ok and not any(p.status == "skipped" for p in report.probes), report.table()
-    assert len(report.probes) == 10
+    assert [p.id for p in report.probes] == list(PROBES)
 
 
 def test_d2l_grad_mode_switch_and_biased_running_var() -> None:
     s = _status(bnkit.conform(d2l.BatchNorm))
-    assert s["train mode under no_grad (the training flag decides)"][0] == "fail"
-    assert "is_grad_enabled" in s["train mode under no_grad (the training flag decides)"][1]
-    assert "biased batch variance" in s["running variance (unbiased)"][1]
-    assert "uses the batch's" in s["eval output (running statistics)"][1]
-    assert s["num_batches_tracked counted"][0] == "skipped"  # said, never a silent pass
-    assert s["training output (batch statistics, biased variance)"][0] == "pass"
+    assert s["grad_mode"][0] == "fail"
+    assert "is_grad_enabled" in s["grad_mode"][1]
+    assert "biased batch variance" in s["running_var_unbiased"][1]
+    assert "uses the batch's" in s["eval_output"][1]
+    assert s["counter"][0] == "skipped"  # said, never a silent pass
+    assert s["train_output"][0] == "pass"
 
 
 def test_keras_momentum_detected_then_rest_checked_converted() -> None:
     report = bnkit.conform(keras_momentum.KerasStyleBatchNorm)
     s = _status(report)
     assert report.momentum_convention == "keras"
-    assert "Keras/TF style" in s["momentum convention"][1]
-    out = s["training output (batch statistics, biased variance)"][1]
+    assert "Keras/TF style" in s["momentum_convention"][1]
+    out = s["train_output"][1]
     assert "unbiased variance" in out and "eps added outside" in out
-    assert s["running variance (unbiased)"][0] == "pass"  # checked with converted momentum
+    assert s["running_var_unbiased"][0] == "pass"  # checked with converted momentum
     # told the convention up front, it does not count it as a failure
     told = _status(bnkit.conform(keras_momentum.KerasStyleBatchNorm, momentum_convention="keras"))
-    assert told["momentum convention"][0] == "pass"
+    assert told["momentum_convention"][0] == "pass"
 
 
 def test_per_element_axes_and_zero_running_var_init() -> None:
     s = _status(bnkit.conform(per_element.PerElementBatchNorm2d))
-    assert "running_var initialised to 0" in s["initial running statistics"][1]
-    assert "wrong reduction axes" in s["training output (batch statistics, biased variance)"][1]
-    assert "still updates" in s["eval leaves running statistics alone"][1]
+    assert "running_var initialised to 0" in s["init"][1]
+    assert "wrong reduction axes" in s["train_output"][1]
+    assert "still updates" in s["eval_no_update"][1]
 
 
 def test_bad_backward_is_caught() -> None:
     s = _status(bnkit.conform(bad_backward.BadBackwardBatchNorm))
-    assert s["backward (true gradient)"][0] == "fail"
-    assert all(v[0] == "pass" for k, v in s.items() if k != "backward (true gradient)")
+    assert s["backward"][0] == "fail"
+    assert all(v[0] == "pass" for k, v in s.items() if k != "backward")
 
 
 class _OddNames(nn.Module):
@@ -85,7 +86,7 @@ class _OddNames(nn.Module):
 
 def test_attribute_hints_and_unprobed_properties_are_reported() -> None:
     blind = _status(bnkit.conform(_OddNames))
-    assert blind["initial running statistics"][0] == "skipped"
+    assert blind["init"][0] == "skipped"
     hinted = bnkit.conform(
         _OddNames,
         attrs={"running_mean": "mu", "running_var": "sigma2", "num_batches_tracked": "seen"},

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bnkit.tools.conform import closed_form
+from bnkit.testing import reference_eval, reference_train
 from bnkit.tools.convert import convert
 
 __all__ = [
@@ -78,27 +78,21 @@ def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:
 def _error(case: str, m: Any, x: torch.Tensor, grad: torch.Tensor) -> float:
     """Max |result - float64 closed form| of module m for the case: the output (train
     fwd; eval fwd, with m's own running statistics) or the input gradient (fwd+bwd)."""
-    shp = [1, -1] + [1] * (x.dim() - 2)
     if case == "eval fwd":
         m.eval()
         with torch.no_grad():
-            rm = m.running_mean.double().view(shp)
-            rv = m.running_var.double().view(shp)
-            w, b = m.weight.double().view(shp), m.bias.double().view(shp)
-            ref = (x.double() - rm) / torch.sqrt(rv + m.eps) * w + b
+            ref = reference_eval(x, m.running_mean, m.running_var, m.weight, m.bias, m.eps)
             return float((m(x).double() - ref).abs().max().item())
     m.train()
     if case == "train fwd":
         with torch.no_grad():
-            return float(
-                (m(x).double() - closed_form(x, m.weight, m.bias, m.eps)).abs().max().item()
-            )
+            ref, _, _ = reference_train(x, m.weight, m.bias, m.eps)
+            return float((m(x).double() - ref).abs().max().item())
     xi = x.detach().requires_grad_()
     (gx,) = torch.autograd.grad(m(xi), xi, grad)
     xd = x.detach().double().requires_grad_()
-    (gref,) = torch.autograd.grad(
-        closed_form(xd, m.weight.detach(), m.bias.detach(), m.eps), xd, grad.double()
-    )
+    ref, _, _ = reference_train(xd, m.weight, m.bias, m.eps)
+    (gref,) = torch.autograd.grad(ref, xd, grad.double())
     return float((gx.double() - gref).abs().max().item())
 
 

@@ -1,6 +1,8 @@
 """bnkit's layers: what a user puts into a model."""
 
 from bnkit.nn import functional
+from bnkit.nn._kernels import available as fast_path_available
+from bnkit.nn._kernels import backend, set_backend
 from bnkit.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -8,6 +10,7 @@ from bnkit.nn.batchnorm import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
+    is_batchnorm,
 )
 
 __all__ = [
@@ -17,5 +20,9 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "backend",
+    "fast_path_available",
     "functional",
+    "is_batchnorm",
+    "set_backend",
 ]

@@ -39,9 +39,8 @@ constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fract
 // A kernel whose tensors (inputs and output together) take at least this many bytes
 // writes its output with non-temporal stores: the output would not stay in cache anyway
 // (L3 here is 8 MiB), and a normal store first reads every output line from memory
-// (read-for-ownership), a third more traffic for a kernel that is bound by it. Measured
-// on (64, 512, 7, 7) channels_last (6.4 MB, so 12.8 MB touched by the forward): forward
-// 1.09 -> 0.61 ms, eval 0.85 -> 0.46 ms, backward 1.66 -> 1.25 ms.
+// (read-for-ownership), a third more traffic for a kernel that is bound by it (see
+// docs/performance.md for what it buys).
 // BNKIT_STREAM_BYTES overrides it (0: always, a huge value: never).
 int64_t stream_bytes() {
   static const int64_t v = [] {
@@ -175,8 +174,8 @@ bool streaming(int64_t numel, int inputs) {
 // for transparent huge pages there (what torch's THP_MEM_ALLOC_ENABLE does for every
 // allocation) makes it one fault per 2 MiB. Only the 2 MiB-aligned interior of our own
 // buffer is advised, for outputs of 4 MiB or more (a syscall of ~1 us against a kernel of
-// >= 0.3 ms): from 32 MiB, a glibc run had (32, 64, 56, 56) training forwards (25.7 MB)
-// at 9.4 ms instead of 3.6 in the runs where the heap had been trimmed.
+// >= 0.3 ms); glibc also returns blocks smaller than 32 MiB to the OS after a trim, so the
+// hint starts well below that.
 at::Tensor new_output(const at::Tensor& x) {
   at::Tensor y = at::empty_like(x);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -481,8 +480,7 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
   // of input), but at least enough for contiguous runs of 8 KiB per sample (shorter runs
   // starve the prefetcher: with 14x14 images a channel is 784 bytes per sample) as long
   // as the block stays within 2 MiB (one block per thread in L3), and a number of blocks
-  // that is a multiple of the thread count. Measured on (256, 256, 14, 14): training
-  // forward 14 -> 7.3 ms, forward+backward 28 -> 19 ms.
+  // that is a multiple of the thread count, so that no thread idles at the end.
   const int64_t run = L * static_cast<int64_t>(sizeof(T));
   int64_t cb = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(per_channel, 1));
   cb = std::max<int64_t>(cb, (8 * 1024 + run - 1) / std::max<int64_t>(run, 1));

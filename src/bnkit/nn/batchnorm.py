@@ -20,6 +20,7 @@ from bnkit.nn import _export
 from bnkit.nn import functional as F
 
 __all__ = [
+    "is_batchnorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 _DOC = r"""Applies Batch Normalization over a {rank} input, exactly as
-``torch.nn.{name}`` does (from scratch; see ``SEMANTICS.md``).
+``torch.nn.{name}`` does (from scratch; see ``docs/semantics.md``).
 
 .. math::
 
@@ -82,12 +83,19 @@ Examples::
 """
 
 
+def is_batchnorm(module: Module) -> bool:
+    """True for torch's and bnkit's BatchNorm modules (every subclass of torch's
+    ``_BatchNorm``: BatchNorm1d/2d/3d, lazy, SyncBatchNorm, Renorm, Ghost); False for
+    FrozenBatchNorm, whose statistics nothing may change."""
+    return isinstance(module, _TorchBatchNorm)
+
+
 def count_batch(m: Any) -> float:
     """Count one training batch in ``m.num_batches_tracked`` and return the weight of its
     statistics in the running average: ``momentum``, or ``1 / count`` for
     ``momentum=None`` (the cumulative average). Works on torch's BatchNorm too."""
     m.num_batches_tracked.add_(1)
-    return 1.0 / float(m.num_batches_tracked) if m.momentum is None else float(m.momentum)
+    return float(F.running_factor(m.momentum, int(m.num_batches_tracked)))
 
 
 def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:

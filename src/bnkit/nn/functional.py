@@ -4,7 +4,7 @@ Everything in bnkit that computes a batch mean or variance, normalizes, differen
 normalization or updates running statistics goes through this module: the layers, the
 frozen and synchronised variants and the tools all call it, none re-derives the formulas.
 
-Conventions (torch 2.13, see ``SEMANTICS.md``):
+Conventions (torch 2.13, see ``docs/semantics.md``):
 
 * statistics are reduced over every dimension except dim 1 (channels), ``n = numel / C``;
 * training normalizes with the *biased* variance and feeds the *unbiased* one
@@ -42,6 +42,10 @@ __all__ = [
     "train_backward",
     "apply_batch_norm",
     "channel_shape",
+    "differentiable_stats",
+    "eval_affine",
+    "inv_std",
+    "running_factor",
     "check_eps",
     "check_momentum",
     "validate",
@@ -313,7 +317,7 @@ def merge_stats(
 # ----------------------------------------------------------------- training forward
 
 
-def _train_backward(
+def train_backward(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -379,11 +383,50 @@ def _train_backward(
     return gx, gw, gb
 
 
-train_backward = _train_backward
-
-
-def _invstd(var: Tensor, eps: float) -> Tensor:
+def inv_std(var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(var + eps)``."""
     return torch.rsqrt(var + eps)
+
+
+def eval_affine(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as a per-channel affine map ``y = scale * x + shift``, in
+    float64: ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean *
+    scale`` (weight 1 and bias 0 where absent). What folding writes into a convolution."""
+    scale = inv_std(running_var.detach().double(), eps)
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -running_mean.detach().double() * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale, shift
+
+
+def differentiable_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` as ordinary differentiable ops, in
+    the compute dtype (float32 for half input): for double backward and pooled statistics,
+    where autograd must see the statistics depend on ``x``."""
+    xc = x.to(_compute_dtype(x))
+    dims = [0, *range(2, x.dim())]
+    mean = xc.mean(dims)
+    var = (xc - mean.view(channel_shape(x))).pow(2).mean(dims)
+    return mean, var
+
+
+def running_factor(momentum: float | None, count: int | Tensor) -> float | Tensor:
+    """The weight of the new batch in the running statistics: ``momentum``, or, for
+    ``momentum=None`` (the cumulative average), ``1 / count`` where ``count`` is
+    ``num_batches_tracked`` after this batch was counted."""
+    if momentum is not None:
+        return float(momentum)
+    if isinstance(count, Tensor):
+        return 1.0 / count.to(torch.float64)
+    return 1.0 / float(count)
 
 
 class _TrainNorm(torch.autograd.Function):
@@ -428,10 +471,8 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     if torch.is_grad_enabled():
         # Double backward: the statistics depend on x, so recompute them
         # differentiably and let autograd differentiate the closed form.
-        xc = x.to(_compute_dtype(x))
-        dims = [0, *range(2, x.dim())]
-        mean = xc.mean(dims).to(var.dtype)
-        var = (xc - mean.to(xc.dtype).view(channel_shape(x))).pow(2).mean(dims).to(var.dtype)
+        mean_c, var_c = differentiable_stats(x)
+        mean, var = mean_c.to(var.dtype), var_c.to(var.dtype)
     # the Function that ran the forward on the fast path says so (the plain one leaves it
     # unset: it runs where the fast path is not usable, e.g. under torch.func)
     fast = None if torch.is_grad_enabled() else getattr(ctx, "fast", None)
@@ -448,8 +489,8 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         )
         keep = [g if need else None for g, need in zip((gx, gw, gb), needs, strict=True)]
         return (*keep, None)
-    invstd = _invstd(var, ctx.eps)
-    gx, gw, gb = _train_backward(grad_out, x, weight, mean, invstd, needs)
+    invstd = inv_std(var, ctx.eps)
+    gx, gw, gb = train_backward(grad_out, x, weight, mean, invstd, needs)
     return gx, gw, gb, None
 
 
@@ -459,9 +500,8 @@ class _FastTrainNorm(torch.autograd.Function):
     ``running`` is ``(running_mean, running_var, factor)`` or None: the kernel updates the
     buffers in place in the same call (they are not inputs of the graph). Returns
     ``(y, mean, var)`` when ``with_stats``, else ``y`` alone: the modules' path, where the
-    kernel has already updated the running statistics and two outputs fewer to wrap and
-    mark save ~3 us a call (a 256x120 training forward, timed in turn: 72-75 against
-    75-77 us; the kernel alone 33 us)."""
+    kernel has already updated the running statistics, so two outputs fewer are wrapped
+    and marked (this Function sits on the per-call overhead of small layers)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -501,7 +541,7 @@ def _train_forward(
     cdt = _compute_dtype(x)
     acc = _acc_dtype(x)
     st, d = _batch_stats(x.to(cdt))
-    invstd = _invstd(st.var, eps)
+    invstd = inv_std(st.var, eps)
     scale, shift = _affine(weight, bias, invstd)
     shift = shift - st.mean_lo * scale
     shape = channel_shape(x)
@@ -564,7 +604,7 @@ class _EvalNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
         x, weight, running_mean, running_var = ctx.saved_tensors
         shape = channel_shape(x)
-        invstd = _invstd(running_var.to(torch.float64), ctx.eps)
+        invstd = inv_std(running_var.to(torch.float64), ctx.eps)
         a = invstd if weight is None else weight.to(invstd.dtype) * invstd
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -604,7 +644,7 @@ def normalize_eval(
     cdt = _compute_dtype(x)
     shape = channel_shape(x)
     acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
-    invstd = _invstd(running_var.to(acc), eps)
+    invstd = inv_std(running_var.to(acc), eps)
     scale, shift = _affine(weight, bias, invstd)
     d = x.to(cdt) - running_mean.to(cdt).view(shape)
     y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
@@ -756,11 +796,8 @@ def batch_norm_stateless(
     new_mean, new_var = running_mean, running_var
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         n = input.numel() // input.shape[1]
-        if momentum is None:
-            assert new_count is not None
-            factor: float | Tensor = 1.0 / new_count.to(mean.dtype)
-        else:
-            factor = momentum
+        assert momentum is not None or new_count is not None
+        factor = running_factor(momentum, new_count if new_count is not None else 0)
         new_mean, new_var = update_running_stats(
             running_mean, running_var, mean.detach(), var.detach(), n, factor
         )

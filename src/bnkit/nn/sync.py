@@ -84,7 +84,7 @@ class _SyncNorm(torch.autograd.Function):
             y = torch.empty_like(x)
         else:
             y = F.normalize_eval(x, g_mean, g_var, weight, bias, eps)
-        invstd = F._invstd(g_var, eps)
+        invstd = F.inv_std(g_var, eps)
         ctx.save_for_backward(x, weight, g_mean, invstd)
         ctx.count = count
         ctx.module = module

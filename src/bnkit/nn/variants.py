@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import _BatchNorm, track_batch
+from bnkit.nn.batchnorm import _BatchNorm, is_batchnorm, track_batch
 
 __all__ = [
     "BatchRenorm1d",
@@ -239,9 +239,7 @@ class StatsAccumulator:
         self.model = model
         self.pooled = pooled
         self.layers: list[tuple[str, Any]] = [
-            (n, m)
-            for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            (n, m) for n, m in model.named_modules() if is_batchnorm(m)
         ]
         if not self.layers:
             raise ValueError(f"accumulate: no BatchNorm layer in {type(model).__name__}")
@@ -280,11 +278,8 @@ class StatsAccumulator:
     def _pooled_output(self, m: Any, x: Tensor, prev: tuple[int, Tensor, Tensor]) -> Tensor:
         # mean/var of the current micro-batch, differentiable, merged with the constant
         # summary of the earlier ones (Chan's formula), then the eval-form normalization.
-        dims = [0, *range(2, x.dim())]
-        xd = x.to(torch.float64)
         n = x.numel() // x.shape[1]
-        mean = xd.mean(dims)
-        var = (xd - mean.view(F.channel_shape(x))).pow(2).mean(dims)
+        mean, var = F.differentiable_stats(x.to(torch.float64))
         _, pm, pv = F.merge_stats(prev[0], prev[1].to(mean), prev[2].to(var), n, mean, var)
         return F.normalize_eval(x, pm, pv, m.weight, m.bias, m.eps)
 

@@ -18,6 +18,7 @@ from torch import nn
 import bnkit.nn.batchnorm as bnb
 from bnkit.nn import frozen as bnf
 from bnkit.nn import variants as bnv
+from bnkit.nn.batchnorm import is_batchnorm
 from bnkit.nn.sync import SyncBatchNorm
 
 __all__ = ["convert", "batchnorm_rank", "is_batchnorm", "TARGETS"]
@@ -25,11 +26,6 @@ __all__ = ["convert", "batchnorm_rank", "is_batchnorm", "TARGETS"]
 _TORCH_BN: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _BNKIT_BN: tuple[type[nn.Module], ...] = (bnb.BatchNorm1d, bnb.BatchNorm2d, bnb.BatchNorm3d)
 _RANK = {cls: i + 1 for family in (_TORCH_BN, _BNKIT_BN) for i, cls in enumerate(family)}
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for torch's and bnkit's BatchNorm modules (any subclass), SyncBatchNorm included."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, bnb._BatchNorm))
 
 
 def batchnorm_rank(module: nn.Module, default: int | None = None) -> int:

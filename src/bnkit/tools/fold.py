@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnkit.nn import functional as F
 from bnkit.tools.convert import is_batchnorm
 
 __all__ = ["FoldReport", "FoldedLayer", "bn_affine", "fold", "fold_pair"]
@@ -84,14 +85,7 @@ def bn_affine(bn: Any) -> tuple[Tensor, Tensor]:
     """The eval-mode BatchNorm as ``(s, t)`` in float64: ``y = s * x + t`` per channel."""
     rm, rv = bn.running_mean, bn.running_var
     assert isinstance(rm, Tensor) and isinstance(rv, Tensor)
-    s = torch.rsqrt(rv.double() + bn.eps)  # type: ignore[operator]
-    w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
-    if w is not None:
-        s = s * w.detach().double()
-    t = -rm.double() * s
-    if b is not None:
-        t = t + b.detach().double()
-    return s, t
+    return F.eval_affine(rm, rv, getattr(bn, "weight", None), getattr(bn, "bias", None), bn.eps)
 
 
 def _bias64(layer: Any, out_channels: int, like: Tensor) -> Tensor:

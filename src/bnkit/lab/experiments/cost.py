@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
+import bnkit.nn
 from bnkit.lab.context import Context, Section
 from bnkit.lab.timing import compare
-from bnkit.nn import _kernels
 
 NAME = "cost"
 TITLE = "Cost: bnkit vs torch BatchNorm on this machine"
@@ -23,7 +23,7 @@ def run(ctx: Context) -> Section:
     for case in ("train fwd", "train fwd+bwd", "eval fwd"):
         ratios = [r["ratio"] for r in rows if r["case"] == case]
         geo[case] = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
-    fast = _kernels.available()
+    fast = bnkit.nn.fast_path_available()
     path = (
         "bnkit's C++ fast path (built on first use)"
         if fast

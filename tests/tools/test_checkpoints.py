@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bnkit.cli import main
-from bnkit.tools import inspect as bni
+from bnkit.tools import checkpoints as bni
 from tests.conftest import random_input
 from tests.models import SmallResNet
 
