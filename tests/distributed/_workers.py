@@ -106,6 +106,23 @@ def run_mismatch(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os._exit(0)  # the group is in an unknown state: do not wait in destroy
 
 
+def run_direct_layers_swapped(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Two SyncBatchNorm(4) built directly (no names given); rank 0 runs the first, rank 1
+    the second: both must raise instead of merging the wrong layers' statistics."""
+    _init(rank, world, init_file)
+    model = torch.nn.Sequential(
+        bnkit.SyncBatchNorm(4, timeout=20), bnkit.SyncBatchNorm(4, timeout=20)
+    )
+    x = torch.randn(4, 4) + rank
+    try:
+        model[rank](x)
+        msg = "no error"
+    except RuntimeError as exc:
+        msg = str(exc)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(msg)
+    os._exit(0)
+
+
 def run_consistency_and_recalibrate(rank: int, world: int, init_file: str, out_dir: str) -> None:
     _init(rank, world, init_file)
     out: dict[str, Any] = {}

@@ -90,6 +90,24 @@ def test_ranks_that_disagree_fail_with_the_layer_named(tmp_path: Path) -> None:
     assert "'0'" in msgs[0] and "'1'" in msgs[1]
 
 
+def test_directly_built_layers_do_not_collide(tmp_path: Path) -> None:
+    _spawn(_workers.run_direct_layers_swapped, 2, tmp_path)
+    for r in range(2):
+        msg = (tmp_path / f"rank{r}.txt").read_text()
+        assert "the ranks run different BatchNorm calls" in msg, msg
+
+
+def test_two_layers_of_one_process_under_one_name_are_refused() -> None:
+    import bnkit.nn.sync as sync
+
+    a = bnkit.SyncBatchNorm(3, sync_name="same")
+    b = bnkit.SyncBatchNorm(3, sync_name="same")
+    assert bnkit.SyncBatchNorm(3).sync_name != bnkit.SyncBatchNorm(3).sync_name
+    sync._by_name["same"] = a  # as if a had run under a process group
+    with pytest.raises(RuntimeError, match="already runs as 'same'"):
+        b.train()._check_name()
+
+
 def test_consistency_check_resync_and_global_recalibrate(tmp_path: Path) -> None:
     _spawn(_workers.run_consistency_and_recalibrate, 2, tmp_path)
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -201,13 +201,7 @@ class SyncBatchNorm(_BatchNorm):
         work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         return packed[: a.numel()], packed[a.numel() :]
 
-    def forward(self, input: Tensor) -> Tensor:
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        if not use_batch or _group_size(self.process_group) == 1:
-            return super().forward(input)
-        # the global batch may hold more than one value per channel: checked after the merge
-        self._validate(input, False)
-        F.check_eps(self.eps, True, self._where())
+    def _check_name(self) -> None:
         other = _by_name.get(self.sync_name)
         if other is not None and other is not self:
             raise RuntimeError(
@@ -216,6 +210,15 @@ class SyncBatchNorm(_BatchNorm):
                 "layer its own sync_name (convert(model, to='sync') names them by path)"
             )
         _by_name[self.sync_name] = self
+
+    def forward(self, input: Tensor) -> Tensor:
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch or _group_size(self.process_group) == 1:
+            return super().forward(input)
+        # the global batch may hold more than one value per channel: checked after the merge
+        self._validate(input, False)
+        F.check_eps(self.eps, True, self._where())
+        self._check_name()
         self._calls += 1
         y, mean, var, count_t = _SyncNorm.apply(input, self.weight, self.bias, self.eps, self)
         if self.training:
