@@ -8,13 +8,21 @@ and ``b' = b + W t``, which is exact for Linear and for Conv without padding (pa
 zeros *after* the BatchNorm, which the folded layer cannot reproduce), and never exact for
 ConvTranspose (a constant input does not give a constant output at the borders).
 
-:func:`fold` traces the model with ``torch.fx`` to see which layer feeds which; where the
-model cannot be traced it falls back to adjacent pairs inside ``nn.Sequential`` containers.
-Every folded parameter is computed in float64 and cast back, so device and dtype are kept.
+:func:`fold` traces the model with ``torch.fx`` to see which layer feeds which. Where the
+whole model cannot be traced (``float(Proxy)``, iterating over a proxy, shape-dependent
+control flow), it traces the largest submodules that can be, recursively, folds inside
+each and puts the model back together; a BatchNorm sitting directly in an untraceable
+module folds into the layer before it only inside an ``nn.Sequential``. Conv/ConvTranspose/
+Linear subclasses (e.g. a Conv2d that pads "same" before ``F.conv2d``) are folded when their
+forward is linear in weight and bias, which is checked on the activations the layer saw
+on ``example_inputs``; one that is not (weight standardization, say) is left alone, with
+the reason. Every folded parameter is computed in float64 and cast back, so device and
+dtype are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,8 +57,9 @@ class FoldReport:
     """Every BatchNorm of the model, folded or not (with the reason), and the check."""
 
     layers: list[FoldedLayer] = field(default_factory=list)
-    traced: bool = True
-    trace_error: str | None = None
+    traced: bool = True  # the whole model traced as one graph
+    trace_error: str | None = None  # the first module that could not be traced, and why
+    subgraphs: list[str] = field(default_factory=list)  # submodules traced on their own
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
 
@@ -68,7 +77,8 @@ class FoldReport:
             + (
                 ""
                 if self.traced
-                else f" (not traceable: {self.trace_error}; module structure used)"
+                else f" (not traceable as a whole: {self.trace_error}; folded inside "
+                f"{len(self.subgraphs)} traceable submodule(s))"
             ),
             f"max abs error vs the original {self.max_abs_error:.2e} "
             f"(relative {self.max_rel_error:.2e})",
@@ -168,17 +178,23 @@ def _bn_reason(bn: Any) -> str | None:
     return None
 
 
-def _fold_traced(model: nn.Module, report: FoldReport, example: tuple[Any, ...]) -> nn.Module:
+def _fold_traced(
+    model: nn.Module, report: FoldReport, call: _Call | None, prefix: str, ctx: _Context
+) -> nn.Module:
     from torch.fx import GraphModule, Tracer
     from torch.fx.passes.shape_prop import ShapeProp
 
     class _Tracer(Tracer):
-        # bnkit's layers are leaves too, as torch.nn's are
+        # BatchNorms and the layers they fold into are leaves (subclasses too: their
+        # forward may pad or reshape, but they own one weight and bias to fold into)
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+            return is_batchnorm(m) or isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
 
     gm = GraphModule(model, _Tracer().trace(model))
-    ShapeProp(gm).propagate(*example)
+    if call is not None:
+        # shapes unknown when this fails: the Linear folds that need them are refused
+        with contextlib.suppress(Exception):
+            ShapeProp(gm).propagate(*call.args)
     mods = dict(gm.named_modules())
 
     def target(node: Any) -> nn.Module | None:
@@ -187,6 +203,9 @@ def _fold_traced(model: nn.Module, report: FoldReport, example: tuple[Any, ...])
     def out_rank(node: Any) -> int | None:
         meta = node.meta.get("tensor_meta")
         return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def full(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
 
     seen: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -198,7 +217,7 @@ def _fold_traced(model: nn.Module, report: FoldReport, example: tuple[Any, ...])
         if bn is None or not is_batchnorm(bn):
             continue
         name = str(node.target)
-        entry = FoldedLayer(name, False)
+        entry = FoldedLayer(full(name), False)
         report.layers.append(entry)
         if seen[name] > 1:
             entry.reason = f"the module is called {seen[name]} times"
@@ -217,13 +236,14 @@ def _fold_traced(model: nn.Module, report: FoldReport, example: tuple[Any, ...])
                 reasons.append(f"the output of {src.target} is used elsewhere too")
             elif isinstance(prev, nn.Linear) and out_rank(src) != 2:
                 reasons.append(f"{src.target} output is not (N, C): BN would not see its features")
-            elif (why := _why_not_after(prev, bn)) is not None:
+            elif (why := _why_not_after(prev, bn)) is not None or (
+                why := ctx.fold_checked(prev, bn, "after", full(str(src.target)))
+            ) is not None:
                 reasons.append(why)
             else:
-                fold_pair(prev, bn, "after")
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
-                entry.folded, entry.into, entry.position = True, str(src.target), "after"
+                entry.folded, entry.into, entry.position = True, full(str(src.target)), "after"
                 continue
         else:
             kind = type(prev).__name__ if prev is not None else getattr(src, "op", "input")
@@ -235,13 +255,15 @@ def _fold_traced(model: nn.Module, report: FoldReport, example: tuple[Any, ...])
                 reasons.append(f"{users[0].target} is called more than once")
             elif isinstance(nxt, nn.Linear) and out_rank(node) != 2:
                 reasons.append("its output is not (N, C) for the following Linear")
-            elif (why := _why_not_before(nxt, bn)) is not None:
+            elif (why := _why_not_before(nxt, bn)) is not None or (
+                why := ctx.fold_checked(nxt, bn, "before", full(str(users[0].target)))
+            ) is not None:
                 reasons.append(why)
             else:
-                fold_pair(nxt, bn, "before")
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
-                entry.folded, entry.into, entry.position = True, str(users[0].target), "before"
+                entry.folded = True
+                entry.into, entry.position = full(str(users[0].target)), "before"
                 continue
         elif len(users) > 1:
             reasons.append("its output is used more than once")
@@ -255,47 +277,149 @@ def _fold_traced(model: nn.Module, report: FoldReport, example: tuple[Any, ...])
     return gm
 
 
-def _fold_structural(model: nn.Module, report: FoldReport) -> nn.Module:
-    done: set[int] = set()
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        names = list(parent._modules)
-        for i, child_name in enumerate(names):
-            bn = parent._modules[child_name]
-            if bn is None or not is_batchnorm(bn):
-                continue
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            entry = FoldedLayer(full, False)
-            report.layers.append(entry)
-            done.add(id(bn))
-            reason = _bn_reason(bn)
-            prev = parent._modules[names[i - 1]] if i > 0 else None
-            if (
-                reason is None
-                and isinstance(prev, _CONV + _CONVT)
-                and _why_not_after(prev, bn) is None
-            ):
-                fold_pair(prev, bn, "after")
-                parent._modules[child_name] = nn.Identity()
-                entry.folded, entry.position = True, "after"
-                entry.into = f"{parent_name}.{names[i - 1]}" if parent_name else names[i - 1]
-            else:
-                entry.reason = reason or (
-                    "not directly after a Conv/ConvTranspose in an nn.Sequential "
-                    "(the model could not be traced, so only module structure is known)"
-                )
-    for name, m in model.named_modules():
-        if is_batchnorm(m) and id(m) not in done:
-            report.layers.append(
-                FoldedLayer(
-                    name,
-                    False,
-                    reason="the model could not be traced and this "
-                    "BatchNorm is not inside an nn.Sequential",
-                )
+@dataclass
+class _Call:
+    """The positional and keyword arguments of a module's first call on the example."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _Context:
+    """What the recursive fold knows: each module's first call on the example inputs
+    (recorded on a copy of the model, so module paths match), and the check of a fold into
+    a subclass of Conv/ConvTranspose/Linear on the activations it saw."""
+
+    def __init__(self, calls: dict[str, _Call]) -> None:
+        self.calls = calls
+
+    def fold_checked(self, layer: Any, bn: Any, position: str, path: str) -> str | None:
+        """Fold ``bn`` into ``layer``; None when done, else why not (nothing changed)."""
+        if type(layer) in _LAYERS:
+            fold_pair(layer, bn, position)
+            return None
+        call = self.calls.get(path)
+        if call is None:
+            return (
+                f"{path} is a {type(layer).__name__} (a subclass) that did not run on the "
+                "example inputs, so its fold cannot be checked"
             )
-    return model
+        (x, *rest) = call.args
+        if position == "after":
+            expect = bn(layer(x, *rest, **call.kwargs))
+        else:
+            expect = layer(bn(x), *rest, **call.kwargs)
+        saved = (layer.weight, layer.bias)
+        fold_pair(layer, bn, position)
+        got = layer(x, *rest, **call.kwargs)
+        err = (got.double() - expect.double()).abs().max().item()
+        scale = expect.double().abs().max().item()
+        tol = 1e-9 if expect.dtype == torch.float64 else 1e-4
+        if not err <= tol * max(scale, 1.0):
+            layer.weight, layer.bias = saved
+            return (
+                f"{path} is a {type(layer).__name__} whose output is not linear in its "
+                f"weight and bias (folding changed it by {err:.2g}; e.g. weight "
+                "standardization): left alone"
+            )
+        return None
+
+
+class _UnfaithfulTrace(RuntimeError):
+    pass
+
+
+def _check_same(module: nn.Module, folded: nn.Module, call: _Call) -> None:
+    """The folded trace must compute what the module does on the call it saw: a trace
+    can silently drop control flow it cannot see (``torch.jit.isinstance`` on a proxy is
+    False, say), and such a graph is not the module."""
+    # on copies: a train-mode BatchNorm inside would update its statistics
+    want = _flat(copy.deepcopy(module)(*call.args))
+    got = _flat(copy.deepcopy(folded)(*call.args))
+    if len(want) != len(got):
+        raise _UnfaithfulTrace("the traced graph returns other outputs than the module")
+    for a, b in zip(want, got, strict=True):
+        if a.shape != b.shape:
+            raise _UnfaithfulTrace(
+                f"the traced graph gives shape {tuple(b.shape)}, not {tuple(a.shape)}"
+            )
+        err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        scale = a.double().abs().max().item() if a.numel() else 0.0
+        tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+        if not err <= tol * max(scale, 1.0):
+            raise _UnfaithfulTrace(
+                f"the traced graph, folded, differs from the module by {err:.2g} on the "
+                "example (control flow the tracer does not see)"
+            )
+
+
+def _record_calls(model: nn.Module, example: tuple[Any, ...]) -> dict[str, _Call]:
+    calls: dict[str, _Call] = {}
+    handles = []
+    for name, m in model.named_modules():
+
+        def hook(mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            calls.setdefault(name, _Call(tuple(args), dict(kwargs)))
+
+        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _fold_recursive(module: nn.Module, prefix: str, report: FoldReport, ctx: _Context) -> nn.Module:
+    """Fold inside ``module``: trace it whole if it can be, else each child in turn."""
+    call = ctx.calls.get(prefix)
+    if call is not None and not is_batchnorm(module) and not call.kwargs:
+        part = FoldReport()
+        try:
+            # on a copy: if the trace turns out not to be the module, nothing was touched
+            folded = _fold_traced(copy.deepcopy(module), part, call, prefix, ctx)
+            _check_same(module, folded, call)
+        except Exception as exc:  # fx cannot trace it (or not faithfully): look inside
+            if report.trace_error is None:
+                report.trace_error = f"{prefix or 'the model'}: {type(exc).__name__}: {exc}"
+            if not prefix:
+                report.traced = False
+        else:
+            report.layers.extend(part.layers)
+            if prefix and part.layers:
+                report.subgraphs.append(prefix)
+            return folded
+    children = list(module.named_children())
+    for i, (name, child) in enumerate(children):
+        path = f"{prefix}.{name}" if prefix else name
+        if not is_batchnorm(child):
+            new = _fold_recursive(child, path, report, ctx)
+            if new is not child:
+                setattr(module, name, new)
+            continue
+        entry = FoldedLayer(path, False)
+        report.layers.append(entry)
+        reason = _bn_reason(child)
+        prev_name, prev = children[i - 1] if i > 0 else (None, None)
+        if reason is None and isinstance(module, nn.Sequential) and isinstance(prev, _LAYERS):
+            prev_path = f"{prefix}.{prev_name}" if prefix else str(prev_name)
+            prev_now = module._modules[str(prev_name)]
+            why = _why_not_after(prev_now, child) or ctx.fold_checked(
+                prev_now, child, "after", prev_path
+            )
+            if why is None:
+                module._modules[name] = nn.Identity()
+                entry.folded, entry.into, entry.position = True, prev_path, "after"
+                continue
+            reason = why
+        entry.reason = reason or (
+            f"it sits directly in {prefix or 'the model'} ({type(module).__name__}), which "
+            "could not be traced, and not right after a Conv/Linear in an nn.Sequential: "
+            "its data flow is unknown"
+            if call is not None
+            else f"{prefix or 'the model'} did not run on the example inputs"
+        )
+    return module
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -303,7 +427,10 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _outputs(model: nn.Module, example: tuple[Any, ...]) -> list[Tensor]:
-    out = model(*example)
+    return _flat(model(*example))
+
+
+def _flat(out: Any) -> list[Tensor]:
     if isinstance(out, Tensor):
         return [out]
     if isinstance(out, dict):
@@ -336,13 +463,9 @@ def fold(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldReport]:
             f"fold: the model fails on example_inputs ({type(exc).__name__}: {exc})"
         ) from exc
     work = copy.deepcopy(model)
+    ctx = _Context(_record_calls(copy.deepcopy(model), example))
     report = FoldReport()
-    try:
-        folded = _fold_traced(work, report, example)
-    except Exception as exc:  # fx cannot trace data-dependent control flow etc.
-        report = FoldReport(traced=False, trace_error=f"{type(exc).__name__}: {exc}")
-        work = copy.deepcopy(model)
-        folded = _fold_structural(work, report)
+    folded = _fold_recursive(work, "", report, ctx)
     got = _outputs(copy.deepcopy(folded), example)
     for a, b in zip(ref, got, strict=True):
         err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
