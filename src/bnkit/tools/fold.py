@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,7 +194,7 @@ def _fold_traced(
     gm = GraphModule(model, _Tracer().trace(model))
     if call is not None:
         # shapes unknown when this fails: the Linear folds that need them are refused
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*call.args)
     mods = dict(gm.named_modules())
 
@@ -335,7 +336,8 @@ def _check_same(module: nn.Module, folded: nn.Module, call: _Call) -> None:
     False, say), and such a graph is not the module."""
     # on copies: a train-mode BatchNorm inside would update its statistics
     want = _flat(copy.deepcopy(module)(*call.args))
-    got = _flat(copy.deepcopy(folded)(*call.args))
+    with contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing line itself
+        got = _flat(copy.deepcopy(folded)(*call.args))
     if len(want) != len(got):
         raise _UnfaithfulTrace("the traced graph returns other outputs than the module")
     for a, b in zip(want, got, strict=True):
