@@ -49,6 +49,19 @@ def test_quick_report_shows_what_it_claims(quick_report: Path) -> None:
     assert bs["train mode"]["1"] is None  # one value per channel
     sv = r["scratch_vs_builtin"]["results"]
     assert sv["max_loss_gap_bnkit_vs_torch"] < 1e-3
+    tp = r["throughput"]["results"]
+    assert "timed in turn" in tp["what"]
+    assert tp["torch BatchNorm"]["time_vs_torch"] == 1.0
+    assert "Dive into Deep Learning's BatchNorm" in tp
+    sb = r["small_batch"]["results"]
+    for cell in (v for method in sb.values() for v in method.values()):
+        assert str(cell["lr"]) in cell["validation_acc_by_lr"]  # chosen on validation
+        assert cell["validation_acc_by_lr"][str(cell["lr"])] == max(
+            cell["validation_acc_by_lr"].values()
+        )
+    ls = r["layer_stats"]["results"]
+    assert [row["name"] for row in ls["layers"]] == ["1", "5", "10", "13"]  # LeNet's four BNs
+    assert all(len(v["running_var_avg"]) == 1 for v in ls["by_epoch"].values())  # 1 epoch
 
 
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
@@ -113,7 +126,7 @@ def test_report_renders_in_headless_chromium(quick_report: Path, tmp_path: Path)
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1200,2400",
+        "--window-size=1280,2400",
         f"--user-data-dir={tmp_path / 'profile'}",
     ):
         opts.add_argument(flag)
@@ -126,6 +139,21 @@ def test_report_renders_in_headless_chromium(quick_report: Path, tmp_path: Path)
         )
         assert len(images) >= 6
         assert all(done and width > 100 for _, done, width in images), images
+        # nothing runs past a 1280 px window: wide tables scroll in their own box
+        page, window = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert page <= window, f"page {page} px wide in a {window} px window"
+        overflowing = driver.execute_script(
+            "return Array.from(document.querySelectorAll('body *'))"
+            ".filter(e => e.getBoundingClientRect().right > window.innerWidth + 1"
+            " && !e.closest('.scroll')).map(e => e.tagName + ' ' + e.className)"
+        )
+        assert overflowing == [], overflowing
+        sections = driver.execute_script(
+            "return Array.from(document.querySelectorAll('h2[id]')).map(h => h.id)"
+        )
+        assert {"throughput", "layer_stats", "small_batch"} <= set(sections), sections
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         driver.save_screenshot(str(quick_report / "screenshot.png"))

@@ -69,8 +69,10 @@ def _fmt(value: Any, pointer: str, header: str = "") -> str:
             text = "nan"
         elif 0 <= value <= 1 and ("acc" in pointer or "acc" in header):
             text = f"{value:.1%}"
-        elif value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        elif value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e9):
             text = f"{value:.2e}"
+        elif abs(value) >= 1e3:
+            text = f"{value:,.0f}"
         else:
             text = f"{value:.4g}"
     else:
@@ -83,8 +85,11 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:98
 padding:0 1em;color:#1d2330;line-height:1.45}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:2em}
 .meta{color:#57606a;font-size:.9em} img{max-width:100%;border:1px solid #eee;margin:.5em 0}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px solid #d0d7de;
-padding:.25em .6em;text-align:right} th{background:#f6f8fa} td:first-child{text-align:left}
+.scroll{max-width:100%;overflow-x:auto;margin:.6em 0}
+table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #d0d7de;
+padding:.25em .6em;text-align:right;overflow-wrap:anywhere} th{background:#f6f8fa}
+td:first-child{text-align:left} caption{text-align:left;font-weight:600}
+p,li{overflow-wrap:anywhere}
 a.num{color:inherit;text-decoration:none;border-bottom:1px dotted #8c959f}
 .missing{background:#fff8c5;padding:.6em;border:1px solid #d4a72c}
 """
@@ -119,7 +124,10 @@ def _html(sections: list[Any], meta: dict[str, Any], staging: Path) -> str:
             data = base64.b64encode((staging / plot).read_bytes()).decode()
             parts.append(f"<img alt='{html.escape(plot)}' src='data:image/png;base64,{data}'>")
         for ti, (caption, header, rows) in enumerate(s.tables):
-            parts.append(f"<table><caption>{html.escape(caption)}</caption><tr>")
+            # a wide table scrolls inside its own box instead of widening the page
+            parts.append(
+                f"<div class='scroll'><table><caption>{html.escape(caption)}</caption><tr>"
+            )
             parts.extend(f"<th>{html.escape(str(h))}</th>" for h in header)
             parts.append("</tr>")
             for ri, row in enumerate(rows):
@@ -128,7 +136,7 @@ def _html(sections: list[Any], meta: dict[str, Any], staging: Path) -> str:
                     f"<td>{_fmt(v, f'{base}/{ci}', header[ci])}</td>" for ci, v in enumerate(row)
                 )
                 parts.append(f"<tr>{cells}</tr>")
-            parts.append("</table>")
+            parts.append("</table></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ __all__ = [
     "SHAPES",
     "QUICK_SHAPES",
     "compare",
+    "interleaved_times",
     "paired_median_times",
     "print_table",
 ]
@@ -39,17 +40,22 @@ SHAPES: list[tuple[int, ...]] = [
 QUICK_SHAPES: list[tuple[int, ...]] = [(8, 64, 28, 28), (64, 512, 7, 7), (1024, 256)]
 
 
-def paired_median_times(
-    steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median wall time of each step, the steps timed in turn within every repeat (the
-    order alternating), so that a slow phase of the machine falls on all of them.
+def interleaved_times(
+    steps: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Wall time of each step in every repeat, the steps timed in turn within a repeat
+    (the order alternating between repeats), so that a slow phase of the machine falls on
+    all of them alike instead of on whichever ran during it.
 
     Each timed call follows an untimed call of the same step: a step leaves the cache
     full of its own dirty output lines, and without it the next step would pay for
     writing them back (a library that writes its large outputs with non-temporal stores
     leaves none, and would pay for the other's). So each step is timed in its own steady
-    state, paying for its own write-backs, as in a loop that calls only it.
+    state, paying for its own write-backs, as in a loop that calls only it. ``clock`` is
+    there for the test that checks this protocol with a fake clock.
     """
     for _ in range(warmup):
         for fn in steps.values():
@@ -59,10 +65,17 @@ def paired_median_times(
     for r in range(repeats):
         for k in names if r % 2 == 0 else names[::-1]:
             steps[k]()
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k].append(clock() - t0)
+    return times
+
+
+def paired_median_times(
+    steps: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median of :func:`interleaved_times` for each step."""
+    return {k: statistics.median(v) for k, v in interleaved_times(steps, repeats, warmup).items()}
 
 
 def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +30,14 @@ def bar(total: int, desc: str, enabled: bool = True) -> tqdm:
 
 @dataclass
 class History:
-    """Per-step training losses, per-epoch test accuracies and throughput."""
+    """Per-step training losses, per-epoch test accuracies, and the BatchNorm buffers at
+    the end of each epoch (for the running-statistics plots). Speed is not recorded here:
+    a training loop's timing follows whatever else the machine does (see
+    ``lab/experiments/throughput.py``)."""
 
     losses: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
-    examples_per_s: float = 0.0
+    bn_states: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def fit(
@@ -58,27 +60,29 @@ def fit(
     opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr)
     hist = History()
     steps = len(y) // batch_size
-    seen, busy = 0, 0.0
     with bar(epochs * steps, desc, progress) as pbar:
         for epoch in range(epochs):
             model.train()
             perm = torch.randperm(len(y), generator=gen)
             for i in range(steps):
                 idx = perm[i * batch_size : (i + 1) * batch_size]
-                t0 = time.perf_counter()
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
-                busy += time.perf_counter() - t0
-                seen += len(idx)
                 hist.losses.append(loss.item())
                 pbar.update(1)
             if test is not None:
                 hist.test_acc.append(accuracy(model, *test))
+            hist.bn_states.append(
+                {
+                    k: v.detach().clone()
+                    for k, v in model.state_dict().items()
+                    if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                }
+            )
             if callable(on_epoch):
                 on_epoch(epoch)
-    hist.examples_per_s = seen / busy if busy else 0.0
     return hist
 
 

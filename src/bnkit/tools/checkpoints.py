@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerStats",
+    "as_dict",
     "bn_layers",
     "compare",
     "find_state_dict",

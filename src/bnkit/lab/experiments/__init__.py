@@ -7,16 +7,20 @@ from bnkit.lab.experiments import (
     conformance,
     cost,
     freezing,
+    layer_stats,
     running_stats,
     scratch_vs_builtin,
     small_batch,
+    throughput,
     with_without,
 )
 
 ALL = [
     with_without,
     scratch_vs_builtin,
+    throughput,
     running_stats,
+    layer_stats,
     freezing,
     batch_size,
     small_batch,
