@@ -19,7 +19,7 @@ class _FakeMachine:
     def clock(self) -> float:
         return self.now
 
-    def step(self, name: str, cost: float = 1.0):  # noqa: ANN201
+    def step(self, name: str, cost: float = 1.0):
         def run() -> None:
             self.calls.append(name)
             self.now += cost + (5.0 if 20.0 <= self.now < 90.0 else 0.0)
