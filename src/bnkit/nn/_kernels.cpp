@@ -16,7 +16,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <vector>
 
 // x86 intrinsics (non-temporal stores) only where the compiler targets x86 and the build
@@ -36,16 +38,40 @@ namespace {
 constexpr int64_t kChunk = 256;      // values summed in the input type before a flush
 constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fraction of a std of the mean
 
-// A kernel whose tensors (inputs and output together) take at least this many bytes
-// writes its output with non-temporal stores: the output would not stay in cache anyway
-// (L3 here is 8 MiB), and a normal store first reads every output line from memory
+// A kernel whose tensors (inputs and output together) take at least the last-level cache
+// (8 MiB at least) writes its output with non-temporal stores: the output would not stay
+// in cache anyway, and a normal store first reads every output line from memory
 // (read-for-ownership), a third more traffic for a kernel that is bound by it (see
 // docs/performance.md for what it buys).
 // BNKIT_STREAM_BYTES overrides it (0: always, a huge value: never).
+// The last-level cache of this machine in bytes (0 when unknown): sysfs on Linux.
+int64_t l3_bytes() {
+#if defined(__linux__)
+  for (int idx = 3; idx >= 2; --idx) {
+    const std::string path =
+        "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(idx) + "/size";
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      char buf[32] = {0};
+      const size_t got = std::fread(buf, 1, sizeof(buf) - 1, f);
+      std::fclose(f);
+      if (got == 0) continue;
+      char* end = nullptr;
+      const long long v = std::strtoll(buf, &end, 10);
+      if (v <= 0) continue;
+      const char unit = (end && *end) ? *end : ' ';
+      return static_cast<int64_t>(v) * (unit == 'K' ? 1024 : unit == 'M' ? (1 << 20) : 1);
+    }
+  }
+#endif
+  return 0;
+}
+
 int64_t stream_bytes() {
   static const int64_t v = [] {
     const char* e = std::getenv("BNKIT_STREAM_BYTES");
-    if (e == nullptr || *e == '\0') return int64_t(8) << 20;
+    // A kernel's tensors that fit in the last-level cache stay there for whoever reads
+    // them next (the following layer): normal stores. Beyond it, stream.
+    if (e == nullptr || *e == '\0') return std::max<int64_t>(int64_t(8) << 20, l3_bytes());
     char* end = nullptr;
     const long long b = std::strtoll(e, &end, 10);
     TORCH_CHECK(*end == '\0' && b >= 0, "BNKIT_STREAM_BYTES='", e,
@@ -433,11 +459,29 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
   if (!lo.fastest) {
     // runs (n, c) in order: a thread's range of runs is one contiguous output region
     parallel(lo.N * C, lo.R * C, [&](int64_t i0, int64_t i1) {
+      int64_t c = i0 % C;  // one division per thread, not per run
+      if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
+        const int64_t L = lo.L;
+        for (int64_t i = i0; i < i1; ++i) {
+          const T *xp = x + i * L, *op = other ? other + i * L : nullptr;
+          T* yp = out + i * L;
+          const T sc = vs[c], a = vx[c], b = vo[c], z = v0[c];
+          if (op) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) yp[l] = (xp[l] - sc) * a + op[l] * b + z;
+          } else {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) yp[l] = (xp[l] - sc) * a + z;
+          }
+          if (++c == C) c = 0;
+        }
+        return;
+      }
       Writer<T> w(out + i0 * lo.L, stream);
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = i % C;
         affine_run(w, x + i * lo.L, other ? other + i * lo.L : nullptr, lo.L, vs[c], vx[c],
                    vo[c], v0[c]);
+        if (++c == C) c = 0;
       }
       w.finish();
     });

@@ -254,12 +254,12 @@ _fast: FastPath | None = None
 
 
 def _capturing(x: Tensor) -> bool:
-    """A graph is being captured: the op must be an ordinary torch op, not a C++ call."""
+    """A graph is being captured: the op must be an ordinary torch op, not a C++ call.
+    (The legacy ONNX exporter traces, so the tracing state covers it.)"""
     return (
         torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        or torch._C._get_tracing_state() is not None
         or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
         or _under_functorch(x)
     )
 

@@ -172,36 +172,56 @@ class _BatchNorm(_TorchBatchNorm):
 
     def _validate(self, input: Tensor, batch_stats: bool) -> None:
         """Every tensor this forward will touch, checked before anything changes."""
+        params, buffers = self._parameters, self._buffers
         F.validate(
             input,
             where=self._layer_name(),
             batch_stats=batch_stats,
             eps=self.eps,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            weight=self.weight,
-            bias=self.bias,
+            running_mean=buffers.get("running_mean"),
+            running_var=buffers.get("running_var"),
+            weight=params.get("weight"),
+            bias=params.get("bias"),
             ranks=self._ranks,
             num_features=self.num_features,
             momentum=self.momentum,
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # parameters and buffers straight from their dicts: Module.__getattr__ costs a
+        # fraction of a microsecond per name, and small layers pay it on every call
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight"), params.get("bias")
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        training = self.training
+        bn_training = training or (running_mean is None and running_var is None)
         if not bn_training and _export.exporting():
             return _export.eval_op(self, input)
-        self._validate(input, bn_training)
+        F.validate(
+            input,
+            where=self._layer_name(),
+            batch_stats=bn_training,
+            eps=self.eps,
+            running_mean=running_mean,
+            running_var=running_var,
+            weight=weight,
+            bias=bias,
+            ranks=self._ranks,
+            num_features=self.num_features,
+            momentum=self.momentum,
+        )
         factor = 0.0
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        track = self.track_running_stats
+        if training and track and buffers.get("num_batches_tracked") is not None:
             factor = count_batch(self)
         # Buffers are passed only where they are used or updated.
-        track = not self.training or self.track_running_stats
+        use_buffers = not training or track
         return F.apply_batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
+            running_mean if use_buffers else None,
+            running_var if use_buffers else None,
+            weight,
+            bias,
             bn_training,
             factor,
             self.eps,

@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Blocks of rows summed in the input dtype before the partial sums go to float64.
 _ROW_BLOCK = 32
 
@@ -170,6 +171,33 @@ def validate(
     normalizes with batch statistics, so it needs more than one value per channel and
     ``eps > 0``. Raises ``TypeError``/``ValueError``/``RuntimeError`` naming ``where``.
     """
+    # The common case (everything right) in a few cheap comparisons; anything off goes to
+    # the detailed checks below, which name what is wrong. (A layer call's overhead is
+    # mostly this and the C++ call: it is what small layers pay per call.)
+    if (
+        type(input) is Tensor
+        and input.dtype in _FLOATS
+        and (input.dim() in ranks if ranks else input.dim() >= 2)
+        and (num_features is None or input.shape[1] == num_features)
+        and type(eps) is float
+        and (eps > 0.0 if batch_stats else eps >= 0.0)
+        and (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+    ):
+        c, dev, dt = input.shape[1], input.device, input.dtype
+        low = dt in _LOW_PRECISION
+        ok = True
+        for t in (running_mean, running_var, weight, bias):
+            if t is not None and not (
+                isinstance(t, Tensor)
+                and t.dim() == 1
+                and t.shape[0] == c
+                and t.device == dev
+                and (t.dtype == dt or (low and t.dtype == torch.float32))
+            ):
+                ok = False
+                break
+        if ok and not (batch_stats and _one_value_per_channel(input.shape)):
+            return
     _check_input(input, where, ranks)
     if num_features is not None and input.shape[1] != num_features:
         raise ValueError(
@@ -187,6 +215,13 @@ def validate(
     check_momentum(momentum, where)
     if batch_stats:
         check_batch_size(input.size(), where)
+
+
+def _one_value_per_channel(size: torch.Size) -> bool:
+    n = size[0]
+    for s in size[2:]:
+        n *= s
+    return n == 1
 
 
 # ---------------------------------------------------------------------- reductions
