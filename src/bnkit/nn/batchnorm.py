@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import Module
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm as TorchBatchNorm
 from torch.nn.modules.batchnorm import _NormBase
 
 from bnkit.nn import _export
@@ -87,7 +87,7 @@ def is_batchnorm(module: Module) -> bool:
     """True for torch's and bnkit's BatchNorm modules (every subclass of torch's
     ``_BatchNorm``: BatchNorm1d/2d/3d, lazy, SyncBatchNorm, Renorm, Ghost); False for
     FrozenBatchNorm, whose statistics nothing may change."""
-    return isinstance(module, _TorchBatchNorm)
+    return isinstance(module, TorchBatchNorm)
 
 
 def count_batch(m: Any) -> float:
@@ -113,7 +113,7 @@ def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
         m.running_var.copy_(new_v)
 
 
-class _BatchNorm(_TorchBatchNorm):
+class BatchNormBase(TorchBatchNorm):
     """Shared base: a subclass of ``torch.nn.modules.batchnorm._BatchNorm`` (so torch's
     helpers and other libraries treat every bnkit BatchNorm as a BatchNorm) whose forward
     is bnkit's own. Parameters, buffers, ``reset_*`` and state_dict versioning are torch's."""
@@ -234,7 +234,7 @@ class _BatchNorm(_TorchBatchNorm):
         return _export.as_torch(self)
 
 
-class _LazyBatchNorm(_BatchNorm):
+class _LazyBatchNorm(BatchNormBase):
     """Shared code of the lazy forms (combined with torch's ``LazyBatchNorm*d``, which
     supplies the uninitialized parameters): ``num_features`` from the first input, which
     is validated before anything is materialized."""
@@ -250,15 +250,15 @@ class _LazyBatchNorm(_BatchNorm):
         return type(self).__name__
 
 
-class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+class BatchNorm1d(BatchNormBase, torch.nn.BatchNorm1d):
     _ranks = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+class BatchNorm2d(BatchNormBase, torch.nn.BatchNorm2d):
     _ranks = (4,)
 
 
-class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+class BatchNorm3d(BatchNormBase, torch.nn.BatchNorm3d):
     _ranks = (5,)
 
 

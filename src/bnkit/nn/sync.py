@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import _BatchNorm, track_batch
+from bnkit.nn.batchnorm import BatchNormBase, track_batch
 
 __all__ = ["SyncBatchNorm", "check_consistency", "resync"]
 
@@ -115,7 +115,7 @@ _serial = itertools.count()
 _by_name: weakref.WeakValueDictionary[str, SyncBatchNorm] = weakref.WeakValueDictionary()
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(BatchNormBase):
     r"""BatchNorm whose training statistics are those of every process's batch together.
 
     Same constructor as :class:`torch.nn.SyncBatchNorm` (``process_group`` after ``dtype``),

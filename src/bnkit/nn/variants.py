@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import _BatchNorm, is_batchnorm, track_batch
+from bnkit.nn.batchnorm import BatchNormBase, is_batchnorm, track_batch
 
 __all__ = [
     "BatchRenorm1d",
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-class _BatchRenorm(_BatchNorm):
+class BatchRenormBase(BatchNormBase):
     r"""Batch Renormalization (Ioffe, 2017).
 
     .. math::
@@ -142,7 +142,7 @@ class _BatchRenorm(_BatchNorm):
         return y.to(input.dtype)
 
 
-class _GhostBatchNorm(_BatchNorm):
+class GhostBatchNormBase(BatchNormBase):
     """Ghost BatchNorm (Hoffer et al., 2017): each virtual batch of ``virtual_batch_size``
     samples is normalized with its own statistics (vectorised: all full virtual batches in
     one call, the remainder, if the batch size is not a multiple, in a second). Running
@@ -320,9 +320,9 @@ def _make(base: type, name: str, torch_cls: type) -> type:
     return type(name, (base, torch_cls), attrs)
 
 
-BatchRenorm1d = _make(_BatchRenorm, "BatchRenorm1d", nn.BatchNorm1d)
-BatchRenorm2d = _make(_BatchRenorm, "BatchRenorm2d", nn.BatchNorm2d)
-BatchRenorm3d = _make(_BatchRenorm, "BatchRenorm3d", nn.BatchNorm3d)
-GhostBatchNorm1d = _make(_GhostBatchNorm, "GhostBatchNorm1d", nn.BatchNorm1d)
-GhostBatchNorm2d = _make(_GhostBatchNorm, "GhostBatchNorm2d", nn.BatchNorm2d)
-GhostBatchNorm3d = _make(_GhostBatchNorm, "GhostBatchNorm3d", nn.BatchNorm3d)
+BatchRenorm1d = _make(BatchRenormBase, "BatchRenorm1d", nn.BatchNorm1d)
+BatchRenorm2d = _make(BatchRenormBase, "BatchRenorm2d", nn.BatchNorm2d)
+BatchRenorm3d = _make(BatchRenormBase, "BatchRenorm3d", nn.BatchNorm3d)
+GhostBatchNorm1d = _make(GhostBatchNormBase, "GhostBatchNorm1d", nn.BatchNorm1d)
+GhostBatchNorm2d = _make(GhostBatchNormBase, "GhostBatchNorm2d", nn.BatchNorm2d)
+GhostBatchNorm3d = _make(GhostBatchNormBase, "GhostBatchNorm3d", nn.BatchNorm3d)

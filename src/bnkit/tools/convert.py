@@ -91,7 +91,7 @@ def _plain_rank(m: nn.Module, sync_rank: int) -> int | None:
 
 
 def _is_variant(m: nn.Module) -> bool:
-    return isinstance(m, (bnv._BatchRenorm, bnv._GhostBatchNorm))
+    return isinstance(m, (bnv.BatchRenormBase, bnv.GhostBatchNormBase))
 
 
 def _to_bnkit(m: nn.Module, **kw: Any) -> nn.Module | None:
