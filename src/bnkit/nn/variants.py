@@ -33,7 +33,21 @@ __all__ = [
 ]
 
 
-class BatchRenormBase(BatchNormBase):
+class _ScriptedInEvalOnly(BatchNormBase):
+    """A layer that is BatchNorm in eval mode only: TorchScript gets torch's BatchNorm in
+    eval mode, and a clear refusal in training mode."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.training:
+            raise RuntimeError(
+                f"{self._layer_name()}: torch.jit.script would compile a plain BatchNorm, "
+                "which differs from this layer in training mode; script the model in eval "
+                "mode (model.eval(): there it is BatchNorm), or use torch.export"
+            )
+        return super().__prepare_scriptable__()
+
+
+class BatchRenormBase(_ScriptedInEvalOnly):
     r"""Batch Renormalization (Ioffe, 2017).
 
     .. math::
@@ -89,15 +103,6 @@ class BatchRenormBase(BatchNormBase):
             f"warmup_steps={self.warmup_steps}, relax_steps={self.relax_steps}"
         )
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        if self.training:
-            raise RuntimeError(
-                f"{self._layer_name()}: torch.jit.script would compile a plain BatchNorm, "
-                "which differs from this layer in training mode; script the model in eval "
-                "mode (model.eval(): there it is BatchNorm), or use torch.export"
-            )
-        return super().__prepare_scriptable__()
-
     def clips(self) -> tuple[float, float]:
         """The current ``(rmax, dmax)`` of the warm-up schedule."""
         steps: Any = self.renorm_steps
@@ -142,7 +147,7 @@ class BatchRenormBase(BatchNormBase):
         return y.to(input.dtype)
 
 
-class GhostBatchNormBase(BatchNormBase):
+class GhostBatchNormBase(_ScriptedInEvalOnly):
     """Ghost BatchNorm (Hoffer et al., 2017): each virtual batch of ``virtual_batch_size``
     samples is normalized with its own statistics (vectorised: all full virtual batches in
     one call, the remainder, if the batch size is not a multiple, in a second). Running
@@ -175,15 +180,6 @@ class GhostBatchNormBase(BatchNormBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        if self.training:
-            raise RuntimeError(
-                f"{self._layer_name()}: torch.jit.script would compile a plain BatchNorm, "
-                "which differs from this layer in training mode; script the model in eval "
-                "mode (model.eval(): there it is BatchNorm), or use torch.export"
-            )
-        return super().__prepare_scriptable__()
 
     def _ghost(self, x: Tensor) -> Tensor:
         """Normalize ``x`` (N = G * v) as G independent batches of v: (v, G * C, *)."""
