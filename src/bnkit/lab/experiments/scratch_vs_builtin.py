@@ -49,7 +49,7 @@ def run(ctx: Context) -> Section:
         "bnkit_beta": bn.bias.detach().tolist(),
         "torch_gamma": tbn.weight.detach().tolist(),
         "torch_beta": tbn.bias.detach().tolist(),
-        "max_abs_diff_gamma": float((bn.weight - tbn.weight).abs().max()),
+        "max_abs_diff_gamma": float((bn.weight - tbn.weight).detach().abs().max()),
     }
     loss_gap = max(
         abs(a - b) for a, b in zip(runs["bnkit"][1].losses, runs["torch"][1].losses, strict=True)
