@@ -170,3 +170,29 @@ def test_fvcore_precise_bn() -> None:
     update_bn_stats(ours.train(), batches(4), num_iters=4)
     assert_same_state(ref, ours)
     assert any((m.running_var != 1).any() for m in get_bn_modules(ours))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bnkit.BatchNorm2d(4),
+        lambda: bnkit.BatchRenorm2d(4),
+        lambda: bnkit.GhostBatchNorm2d(4, virtual_batch_size=2),
+        lambda: bnkit.SyncBatchNorm(4),
+        lambda: bnkit.FrozenBatchNorm2d(4),
+    ],
+    ids=["bn", "renorm", "ghost", "sync", "frozen"],
+)
+def test_whole_module_pickles_and_state_dicts_cross_with_torch(make, tmp_path) -> None:
+    m = make().train()
+    x = random_input((4, 4, 3, 3), seed=5)
+    m(x)
+    path = tmp_path / "m.pt"
+    torch.save(m, path)
+    back = torch.load(path, weights_only=False)
+    assert type(back) is type(m)
+    m.eval(), back.eval()
+    torch.testing.assert_close(back(x), m(x))
+    ref = nn.BatchNorm2d(4)
+    ref.load_state_dict(m.state_dict(), strict=False)
+    torch.testing.assert_close(ref.eval()(x), m(x), rtol=1e-5, atol=1e-5)
