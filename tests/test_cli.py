@@ -61,3 +61,13 @@ def test_info_lists_backends(capsys: pytest.CaptureFixture[str]) -> None:
 def test_conform_rank_the_class_refuses_is_a_usage_error(capsys) -> None:
     assert main(["conform", "torch.nn:BatchNorm2d", "--rank", "3"]) == 2
     assert "rank=3: BatchNorm2d does not run on 3D input" in capsys.readouterr().err
+
+
+def test_plot_into_a_missing_directory_and_unimportable_target(tmp_path, capsys) -> None:
+    sd = tmp_path / "sd.pt"
+    torch.save(torch.nn.BatchNorm2d(3).state_dict(), sd)
+    assert main(["inspect", str(sd), "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and ".tmp-" not in err
+    assert main(["conform", "no_such_module_xyz:X"]) == 2
+    assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.model, trust=args.trust)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(
-            f"{args.model}: holds a {type(model).__name__}, not a whole model; save it with "
+            f"{args.model}: holds an object of type {type(model).__name__}, not a whole model; save it with "
             "torch.save(model) (diagnose needs to run it), or use bnkit inspect for a state_dict"
         )
     if args.data.startswith("tensor:"):
@@ -178,7 +178,10 @@ def _load_target(spec: str) -> object:
         module = importlib.util.module_from_spec(mspec)
         mspec.loader.exec_module(module)
     else:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import module {module_name!r} ({exc})") from exc
     if not hasattr(module, attr):
         raise ValueError(f"{module_name} has no attribute {attr!r}")
     return getattr(module, attr)

@@ -246,6 +246,8 @@ def plot_depth(stats: list[LayerStats], path: str | os.PathLike[str], title: str
         raise ImportError("--plot needs matplotlib: pip install 'bnkit[report]'") from exc
     if not stats:
         raise ValueError("no BatchNorm layer to plot")
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"--plot {path}: the directory {Path(path).parent} does not exist")
     x = list(range(len(stats)))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6.0, 0.25 * len(stats)), 6), sharex=True)
     a1.fill_between(
