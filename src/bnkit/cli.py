@@ -133,8 +133,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.model, trust=args.trust)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(
-            f"{args.model}: holds an object of type {type(model).__name__}, not a whole model; save it with "
-            "torch.save(model) (diagnose needs to run it), or use bnkit inspect for a state_dict"
+            f"{args.model}: holds an object of type {type(model).__name__}, not a whole "
+            "model; save it with torch.save(model) (diagnose needs to run it), or use bnkit "
+            "inspect for a state_dict"
         )
     if args.data.startswith("tensor:"):
         batch = load_checkpoint(args.data[7:])
