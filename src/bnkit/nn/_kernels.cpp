@@ -710,7 +710,7 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
 
 // Returns (y, mean, biased var); mean/var float64 of shape (C,). With running buffers
 // (contiguous, one float dtype: the caller checks), also updates them in place with
-// factor f (update_running).
+// factor f (update_running_impl).
 std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
                                       const c10::optional<at::Tensor>& b, double eps,
                                       c10::optional<at::Tensor> running_mean,
@@ -882,19 +882,6 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
                              md.data(), sd.data(), nullptr, hd.data(), false);
   });
   return y;
-}
-
-// In place: running = (1 - f) * running + f * batch (unbiased variance); see update_running_impl.
-void update_running(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
-                    const at::Tensor& var, int64_t n, double f) {
-  const char* fn = "bnkit update_running";
-  const int64_t C = running_mean.numel();
-  check_running(running_mean, running_var, C, fn);
-  check_channel(mean, C, fn, "mean");
-  check_channel(var, C, fn, "var");
-  TORCH_CHECK(n >= 0, fn, ": n must be >= 0, got ", n);
-  const std::vector<double> md = doubles(mean, C, 0.0), vd = doubles(var, C, 0.0);
-  update_running_impl(running_mean, running_var, md.data(), vd.data(), n, f);
 }
 
 // grad_x = ko * go + kx * (x - s) + k0 per channel, s = mean rounded to the input type

@@ -116,7 +116,6 @@ def _build() -> Any:
             "forward_train",
             "backward_train",
             "forward_eval",
-            "update_running",
             "stats",
             "grad_apply",
         ],
@@ -210,7 +209,7 @@ class FastPath:
         eps: float = 0.0,
         need_grad_input: bool,
         raw_sums: bool,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """The closed-form training backward given the biased ``var`` (with ``eps``) or
         ``invstd``: (grad_x or None, sum(go * xhat), sum(go)); the sums as float64 when
         ``raw_sums``, else as the weight and bias gradients."""

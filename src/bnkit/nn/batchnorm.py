@@ -21,6 +21,7 @@ from bnkit.nn import functional as F
 
 __all__ = [
     "is_batchnorm",
+    "validate_layer",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -95,7 +96,31 @@ def count_batch(m: Any) -> float:
     statistics in the running average: ``momentum``, or ``1 / count`` for
     ``momentum=None`` (the cumulative average). Works on torch's BatchNorm too."""
     m.num_batches_tracked.add_(1)
-    return float(F.running_factor(m.momentum, int(m.num_batches_tracked)))
+    if m.momentum is not None:  # reading the counter is a tensor read: only when needed
+        return float(m.momentum)
+    return float(F.running_factor(None, int(m.num_batches_tracked)))
+
+
+def validate_layer(m: Any, input: Tensor, batch_stats: bool) -> None:
+    """:func:`~bnkit.nn.functional.validate` with every tensor of BatchNorm-like ``m``
+    (parameters or buffers, read straight from their dicts: ``Module.__getattr__`` costs a
+    fraction of a microsecond per name, and small layers pay it on every call)."""
+    params, buffers = m._parameters, m._buffers
+    weight = params["weight"] if "weight" in params else buffers.get("weight")
+    bias = params["bias"] if "bias" in params else buffers.get("bias")
+    F.validate(
+        input,
+        where=m._layer_name(),
+        batch_stats=batch_stats,
+        eps=m.eps,
+        running_mean=buffers.get("running_mean"),
+        running_var=buffers.get("running_var"),
+        weight=weight,
+        bias=bias,
+        ranks=m._ranks,
+        num_features=m.num_features,
+        momentum=getattr(m, "momentum", None),
+    )
 
 
 def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
@@ -172,56 +197,29 @@ class BatchNormBase(TorchBatchNorm):
 
     def _validate(self, input: Tensor, batch_stats: bool) -> None:
         """Every tensor this forward will touch, checked before anything changes."""
-        params, buffers = self._parameters, self._buffers
-        F.validate(
-            input,
-            where=self._layer_name(),
-            batch_stats=batch_stats,
-            eps=self.eps,
-            running_mean=buffers.get("running_mean"),
-            running_var=buffers.get("running_var"),
-            weight=params.get("weight"),
-            bias=params.get("bias"),
-            ranks=self._ranks,
-            num_features=self.num_features,
-            momentum=self.momentum,
-        )
+        validate_layer(self, input, batch_stats)
 
     def forward(self, input: Tensor) -> Tensor:
-        # parameters and buffers straight from their dicts: Module.__getattr__ costs a
-        # fraction of a microsecond per name, and small layers pay it on every call
-        params, buffers = self._parameters, self._buffers
-        weight, bias = params.get("weight"), params.get("bias")
+        buffers = self._buffers
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         training = self.training
         bn_training = training or (running_mean is None and running_var is None)
         if not bn_training and _export.exporting():
             return _export.eval_op(self, input)
-        F.validate(
-            input,
-            where=self._layer_name(),
-            batch_stats=bn_training,
-            eps=self.eps,
-            running_mean=running_mean,
-            running_var=running_var,
-            weight=weight,
-            bias=bias,
-            ranks=self._ranks,
-            num_features=self.num_features,
-            momentum=self.momentum,
-        )
+        validate_layer(self, input, bn_training)
         factor = 0.0
         track = self.track_running_stats
         if training and track and buffers.get("num_batches_tracked") is not None:
             factor = count_batch(self)
         # Buffers are passed only where they are used or updated.
         use_buffers = not training or track
+        params = self._parameters
         return F.apply_batch_norm(
             input,
             running_mean if use_buffers else None,
             running_var if use_buffers else None,
-            weight,
-            bias,
+            params.get("weight"),
+            params.get("bias"),
             bn_training,
             factor,
             self.eps,

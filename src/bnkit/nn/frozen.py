@@ -21,6 +21,7 @@ from torch.nn import Module
 from bnkit.nn import _export
 from bnkit.nn import functional as F
 from bnkit.nn._scriptable import ScriptableFrozenBatchNorm
+from bnkit.nn.batchnorm import validate_layer
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -56,19 +57,11 @@ class _FrozenBatchNorm(Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    def _layer_name(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
     def _validate(self, input: Tensor, batch_stats: bool = False) -> None:
-        F.validate(
-            input,
-            where=f"{type(self).__name__}({self.num_features})",
-            batch_stats=False,
-            eps=self.eps,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            weight=self.weight,
-            bias=self.bias,
-            ranks=self._ranks,
-            num_features=self.num_features,
-        )
+        validate_layer(self, input, batch_stats=False)  # running statistics, always
 
     def forward(self, input: Tensor) -> Tensor:
         if _export.exporting():

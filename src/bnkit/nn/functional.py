@@ -91,10 +91,7 @@ def check_batch_size(size: torch.Size, where: str = "") -> None:
     """torch's ``_verify_batch_size``: training needs more than one value per channel."""
     if where == "batch_norm":
         where = ""
-    n = size[0]
-    for s in size[2:]:
-        n *= s
-    if n == 1:
+    if _one_value_per_channel(size):
         prefix = f"{where}: " if where else ""
         raise ValueError(
             f"{prefix}Expected more than 1 value per channel when training, got input size {size}"
@@ -381,7 +378,7 @@ def train_backward(
     lo = mean - mean.to(cdt).to(mean.dtype)  # what the compute-dtype shift missed
     if fast is not None:
         # the sums from the fast path (both passes there when nothing is reduced)
-        gx, sum_go_xhat_, sum_go_ = fast.backward_train(
+        gx, raw_go_xhat, sum_go = fast.backward_train(
             grad_out,
             x,
             weight,
@@ -390,8 +387,8 @@ def train_backward(
             need_grad_input=needs[0] and reduce is None,
             raw_sums=True,
         )
-        assert sum_go_xhat_ is not None and sum_go_ is not None
-        sum_go_xhat, sum_go = sum_go_xhat_, sum_go_
+        assert raw_go_xhat is not None  # raw sums are always both there
+        sum_go_xhat = raw_go_xhat
     else:
         go = grad_out.to(cdt)
         d = x.to(cdt) - mean.to(cdt).view(shape)
@@ -433,13 +430,10 @@ def eval_affine(
     """Eval-mode BatchNorm as a per-channel affine map ``y = scale * x + shift``, in
     float64: ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean *
     scale`` (weight 1 and bias 0 where absent). What folding writes into a convolution."""
-    scale = inv_std(running_var.detach().double(), eps)
-    if weight is not None:
-        scale = scale * weight.detach().double()
-    shift = -running_mean.detach().double() * scale
-    if bias is not None:
-        shift = shift + bias.detach().double()
-    return scale, shift
+    w = None if weight is None else weight.detach().double()
+    b = None if bias is None else bias.detach().double()
+    scale, shift = _affine(w, b, inv_std(running_var.detach().double(), eps))
+    return scale, shift - running_mean.detach().double() * scale
 
 
 def differentiable_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -459,8 +453,8 @@ def running_factor(momentum: float | None, count: int | Tensor) -> float | Tenso
     ``num_batches_tracked`` after this batch was counted."""
     if momentum is not None:
         return float(momentum)
-    if isinstance(count, Tensor):
-        return 1.0 / count.to(torch.float64)
+    if isinstance(count, Tensor):  # float64 except where there is none (MPS)
+        return 1.0 / count.to(torch.float32 if count.device.type == "mps" else torch.float64)
     return 1.0 / float(count)
 
 
@@ -624,11 +618,10 @@ class _EvalNorm(torch.autograd.Function):
         running_mean: Tensor,
         running_var: Tensor,
         eps: float,
+        fast: _kernels.FastPath,
     ) -> Tensor:
         # a classic Function (ctx in forward): no per-call signature binding; the fast
         # path is never taken under torch.func transforms, which trace the plain one
-        fast = _kernels.route(x)
-        assert fast is not None  # only applied where route() took the call
         y = fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
         ctx.eps = eps
         ctx.has_bias = bias is not None
@@ -649,7 +642,7 @@ class _EvalNorm(torch.autograd.Function):
             gw = (_channel_sum(grad_out, d) * invstd).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = _channel_sum(grad_out).to(weight.dtype if weight is not None else x.dtype)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def normalize_eval(
@@ -673,7 +666,7 @@ def normalize_eval(
             or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
         ):
-            y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps)
+            y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps, fast)
             return y
         return fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
     cdt = _compute_dtype(x)
