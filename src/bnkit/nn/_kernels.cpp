@@ -134,6 +134,7 @@ class Writer {
  public:
   static constexpr int64_t kRun = 1024;  // most values asked for at once
   Writer(T* dst, bool stream) : dst_(dst), stream_(stream) {}
+  bool streams() const { return stream_; }
   T* put(int64_t n) {
     if (!stream_) {
       T* p = dst_;
@@ -185,12 +186,6 @@ void parallel(int64_t n, int64_t numel, const F& f) {
 // the cache of the thread that read them).
 int row_threads(int64_t R) {
   return std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
-}
-
-// Whether a kernel reading `inputs` tensors of numel values and writing one streams it.
-template <typename T>
-bool streaming(int64_t numel, int inputs) {
-  return numel * static_cast<int64_t>(sizeof(T)) * (inputs + 1) >= stream_bytes();
 }
 
 // The output tensor, like x. Large outputs are often fresh memory from the OS (glibc maps
@@ -303,10 +298,137 @@ void row_shifts(const T* x, const Layout& lo, double* s) {
     s[c] = k[c] > 0 ? static_cast<double>(static_cast<T>(a[c] / k[c])) : 0.0;
 }
 
-// Per-channel (sum d, sum d * e) over a channels-fastest (R, C) input, d = x - s and
-// e = other or d. (NCHW sums are taken per block in nchw_fused.)
+// ---------------------------------------------------------------- what the loops compute
+// Every kernel is one or two of four loops (sums and output, over NCHW runs or over
+// channels-fastest rows), written once and told by the Op below what to compute per value:
+//   kStats  sums of d = x - s and d^2 (the training forward's statistics);
+//   kFwd    output act(pre), pre = (x - s) * kx + k0 [+ r] (training and eval forward,
+//           with the activation A and the residual r fused in);
+//   kBwd    sums of g and g * (x - s), and output (x - s) * kx + g * ko + k0, where g is
+//           the incoming gradient gated by the activation's derivative at the forward's
+//           own pre-activation (recomputed from x [and r] with the forward's coefficients
+//           fs, fa, fk: the same expression, so the same bits), and g itself into a
+//           second output for the residual when it is gated.
+enum : int { kNoAct = 0, kRelu = 1, kRelu6 = 2 };
+enum : int { kStats = 0, kFwd = 1, kBwd = 2 };
+
+// torch's relu (clamp_min: NaN and -0 kept) and relu6 (hardtanh(0, 6)).
+template <int A, typename T>
+inline T act_f(T v) {
+  if constexpr (A == kRelu) return v < T(0) ? T(0) : v;
+  else if constexpr (A == kRelu6) return v < T(0) ? T(0) : (v > T(6) ? T(6) : v);
+  else return v;
+}
+
+// torch's threshold_backward / hardtanh_backward: the gradient passes unless the
+// pre-activation is at or beyond a bound (a NaN passes).
+template <int A, typename T>
+inline T act_grad(T g, T v) {
+  if constexpr (A == kRelu) return v <= T(0) ? T(0) : g;
+  else if constexpr (A == kRelu6) return (v <= T(0) || v >= T(6)) ? T(0) : g;
+  else return g;
+}
+
 template <typename T>
-void row_sums(const T* x, const T* other, const Layout& lo, const double* s, double* sum1,
+inline T pre_act(T x, T s, T a, T k) {
+  return (x - s) * a + k;
+}
+
+// One channel's scalars: s the shift of x in sums and output; kx, ko, k0 the output's
+// coefficients; fs, fa, fk the forward's (kBwd with an activation).
+template <typename T>
+struct K {
+  T s, kx, ko, k0, fs, fa, fk;
+};
+
+// The tensors of a kernel (in its layout): x always; go for kBwd; r when RES; out (may be
+// null: statistics only); out2 the gated gradient for the residual.
+template <typename T>
+struct Ptrs {
+  const T* x = nullptr;
+  const T* go = nullptr;
+  const T* r = nullptr;
+  T* out = nullptr;
+  T* out2 = nullptr;
+};
+
+template <typename T, int M, int A, bool RES>
+struct Op {
+  static constexpr bool kGated = M == kBwd && A != kNoAct;
+  static constexpr bool kSecond = kGated && RES;  // writes the residual's gradient
+  static constexpr bool kReadsGo = M == kBwd;
+  static constexpr bool kReadsR = RES && (M == kFwd || kGated);
+  static constexpr int inputs = 1 + (kReadsGo ? 1 : 0) + (kReadsR ? 1 : 0);
+  static constexpr int outputs = 1 + (kSecond ? 1 : 0);
+
+  static inline T gate(T x, T go, T r, const K<T>& k) {
+    if constexpr (kGated) {
+      T v = pre_act(x, k.fs, k.fa, k.fk);
+      if constexpr (RES) v = v + r;
+      return act_grad<A>(go, v);
+    } else {
+      return go;
+    }
+  }
+  // the two summands of one value (kFwd sums the statistics too)
+  static inline void sum(T x, T go, T r, const K<T>& k, T& u, T& v) {
+    if constexpr (M != kBwd) {
+      u = x - k.s;
+      v = u * u;
+    } else {
+      const T g = gate(x, go, r, k);
+      u = g;
+      v = g * (x - k.s);
+    }
+  }
+  // the output value (and the second one)
+  static inline T out(T x, T go, T r, const K<T>& k, T& second) {
+    if constexpr (M == kFwd) {
+      (void)go;
+      (void)second;
+      T v = pre_act(x, k.s, k.kx, k.k0);
+      if constexpr (RES) v = v + r;
+      return act_f<A>(v);
+    } else {
+      const T g = gate(x, go, r, k);
+      second = g;
+      return (x - k.s) * k.kx + g * k.ko + k.k0;
+    }
+  }
+  static bool streams(int64_t numel) {
+    return numel * static_cast<int64_t>(sizeof(T)) * (inputs + outputs) >= stream_bytes();
+  }
+};
+
+// Per-channel scalars as arrays of T (the channels-fastest loops index them by channel).
+template <typename T>
+struct KArrays {
+  std::vector<T> s, kx, ko, k0, fs, fa, fk;
+  explicit KArrays(int64_t C) : s(C), kx(C), ko(C), k0(C), fs(C), fa(C), fk(C) {}
+  K<T> at(int64_t c) const {
+    return {s.data()[c], kx.data()[c], ko.data()[c], k0.data()[c], fs.data()[c], fa.data()[c],
+            fk.data()[c]};
+  }
+};
+
+// The forward's coefficients (shift, scale, offset of pre) of channel c, when a gated
+// backward needs them.
+template <typename T>
+struct Gate {
+  const double* p = nullptr;  // (3, C): s, a, k as doubles holding values of T
+  int64_t C = 0;
+  void fill(K<T>& k, int64_t c) const {
+    if (!p) return;
+    k.fs = static_cast<T>(p[c]);
+    k.fa = static_cast<T>(p[C + c]);
+    k.fk = static_cast<T>(p[2 * C + c]);
+  }
+};
+
+// Per-channel (sum u, sum v) of the Op over a channels-fastest (R, C) input. (NCHW sums
+// are taken per block in nchw_fused.)
+template <typename T, typename O>
+void row_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
               double* sum2) {
   const int64_t C = lo.C;
   // Rows split across threads, each streaming its rows once with per-channel
@@ -315,19 +437,17 @@ void row_sums(const T* x, const T* other, const Layout& lo, const double* s, dou
   const int64_t R = lo.R;
   const int nt = row_threads(R);
   std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
-  std::vector<T> sc(C);
-  for (int64_t c = 0; c < C; ++c) sc[c] = static_cast<T>(s[c]);
   // Accumulators 64-byte aligned and padded, so that each vector store forwards cleanly
   // to the next row's load (a store split across cache lines does not, and costs ~10
   // cycles a vector); four rows per sweep so that the read-modify-write of the
   // accumulators is paid once per four rows.
   const int64_t Cp = (C + 15) / 16 * 16;
+  const T *ps = ka.s.data(), *pfs = ka.fs.data(), *pfa = ka.fa.data(), *pfk = ka.fk.data();
   parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     std::vector<T> store(2 * Cp + 64 / sizeof(T));
     T* b1 = store.data();
     while (reinterpret_cast<std::uintptr_t>(b1) % 64 != 0) ++b1;
     T* b2 = b1 + Cp;
-    const T* sh = sc.data();
     auto flush = [C, Cp](double* p1, double* p2, T* b1, T* b2) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
@@ -345,49 +465,39 @@ void row_sums(const T* x, const T* other, const Layout& lo, const double* s, dou
       // bandwidth with C = 64..512 (8-10 against 19-20 GB/s on 2 threads: the hardware
       // prefetcher does not follow four interleaved positions within a page); streams at
       // least 16 KiB apart are each followed as a sequential stream.
-      const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
+      const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T)) * O::inputs;
       const int64_t S = std::max<int64_t>(kChunk / 4, (16 * 1024 + row_bytes - 1) / row_bytes);
       for (int64_t rb = r0; rb < r1; rb += 4 * S) {
         const int64_t m = std::min(r1 - rb, 4 * S), q = m / 4;  // b1, b2 are zero here
         for (int64_t k = 0; k < q; ++k) {
           if (k > 0 && k % (kChunk / 4) == 0) flush(p1, p2, b1, b2);
-          const T *x0 = x + (rb + k) * C, *x1 = x0 + q * C, *x2 = x1 + q * C, *x3 = x2 + q * C;
-          if (other) {
-            const T* o0 = other + (rb + k) * C;
-            const T *o1 = o0 + q * C, *o2 = o1 + q * C, *o3 = o2 + q * C;
+          const int64_t i0 = (rb + k) * C, d = q * C;  // value (row, channel 0) of stream 0
+          const T* x = p.x + i0;
+          const T* go = O::kReadsGo ? p.go + i0 : x;
+          const T* r = O::kReadsR ? p.r + i0 : x;
 #pragma omp simd aligned(b1, b2 : 64)
-            for (int64_t c = 0; c < C; ++c) {
-              const T s_ = sh[c];
-              b1[c] += (o0[c] + o1[c]) + (o2[c] + o3[c]);
-              b2[c] += (o0[c] * (x0[c] - s_) + o1[c] * (x1[c] - s_)) +
-                       (o2[c] * (x2[c] - s_) + o3[c] * (x3[c] - s_));
-            }
-          } else {
-#pragma omp simd aligned(b1, b2 : 64)
-            for (int64_t c = 0; c < C; ++c) {
-              const T s_ = sh[c];
-              const T d0 = x0[c] - s_, d1 = x1[c] - s_, d2 = x2[c] - s_, d3 = x3[c] - s_;
-              b1[c] += (d0 + d1) + (d2 + d3);
-              b2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-            }
+          for (int64_t c = 0; c < C; ++c) {
+            const K<T> kc{ps[c], T(0), T(0), T(0), pfs[c], pfa[c], pfk[c]};
+            T u0, v0, u1, v1, u2, v2, u3, v3;
+            O::sum(x[c], go[c], r[c], kc, u0, v0);
+            O::sum(x[c + d], go[c + d], r[c + d], kc, u1, v1);
+            O::sum(x[c + 2 * d], go[c + 2 * d], r[c + 2 * d], kc, u2, v2);
+            O::sum(x[c + 3 * d], go[c + 3 * d], r[c + 3 * d], kc, u3, v3);
+            b1[c] += (u0 + u1) + (u2 + u3);
+            b2[c] += (v0 + v1) + (v2 + v3);
           }
         }
-        for (int64_t r = rb + 4 * q; r < rb + m; ++r) {  // at most three rows left over
-          const T* xp = x + r * C;
-          if (other) {
-            const T* op = other + r * C;
+        for (int64_t row = rb + 4 * q; row < rb + m; ++row) {  // at most three rows left over
+          const T* x = p.x + row * C;
+          const T* go = O::kReadsGo ? p.go + row * C : x;
+          const T* r = O::kReadsR ? p.r + row * C : x;
 #pragma omp simd aligned(b1, b2 : 64)
-            for (int64_t c = 0; c < C; ++c) {
-              b1[c] += op[c];
-              b2[c] += op[c] * (xp[c] - sh[c]);
-            }
-          } else {
-#pragma omp simd aligned(b1, b2 : 64)
-            for (int64_t c = 0; c < C; ++c) {
-              const T d = xp[c] - sh[c];
-              b1[c] += d;
-              b2[c] += d * d;
-            }
+          for (int64_t c = 0; c < C; ++c) {
+            const K<T> kc{ps[c], T(0), T(0), T(0), pfs[c], pfa[c], pfk[c]};
+            T u, v;
+            O::sum(x[c], go[c], r[c], kc, u, v);
+            b1[c] += u;
+            b2[c] += v;
           }
         }
         flush(p1, p2, b1, b2);
@@ -405,85 +515,84 @@ void row_sums(const T* x, const T* other, const Layout& lo, const double* s, dou
   }
 }
 
-// The output loops of every kernel: n values of (x - s) * a + o * b + z (o = other, may
-// be null) appended to w, with one channel's scalars for the whole run (NCHW) ...
-template <typename T>
-void affine_run(Writer<T>& w, const T* xp, const T* op, int64_t n, T s, T a, T b, T z) {
-  for (int64_t i0 = 0; i0 < n; i0 += Writer<T>::kRun) {
-    const int64_t m = std::min(Writer<T>::kRun, n - i0);
+// The output loops: n values of the Op at y (and y2), with one channel's scalars for the
+// whole run (NCHW) ...
+template <typename T, typename O>
+inline void out_span(T* y, T* y2, const Ptrs<T>& p, int64_t off, int64_t n, const K<T>& k) {
+  const T* x = p.x + off;
+  const T* go = O::kReadsGo ? p.go + off : x;
+  const T* r = O::kReadsR ? p.r + off : x;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T second = T(0);
+    y[i] = O::out(x[i], go[i], r[i], k, second);
+    if constexpr (O::kSecond) y2[i] = second;
+  }
+}
+
+// ... appended to Writers (pieces of at most kRun values when streaming) ...
+template <typename T, typename O>
+void out_run(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t n,
+             const K<T>& k) {
+  const int64_t step = w.streams() ? Writer<T>::kRun : std::max<int64_t>(n, 1);
+  for (int64_t i0 = 0; i0 < n; i0 += step) {
+    const int64_t m = std::min(step, n - i0);
     T* yp = w.put(m);
-    const T* x = xp + i0;
-    if (op) {
-      const T* o = op + i0;
+    out_span<T, O>(yp, O::kSecond ? w2->put(m) : nullptr, p, off + i0, m, k);
+  }
+}
+
+// ... or with per-value scalars, value c being channel c (a channels-fastest row).
+template <typename T, typename O>
+void out_row(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t C,
+             const KArrays<T>& ka) {
+  const T *s = ka.s.data(), *kx = ka.kx.data(), *ko = ka.ko.data(), *k0 = ka.k0.data();
+  const T *fs = ka.fs.data(), *fa = ka.fa.data(), *fk = ka.fk.data();
+  const int64_t step = w.streams() ? Writer<T>::kRun : std::max<int64_t>(C, 1);
+  for (int64_t c0 = 0; c0 < C; c0 += step) {
+    const int64_t m = std::min(step, C - c0);
+    T* yp = w.put(m);
+    T* y2 = O::kSecond ? w2->put(m) : nullptr;
+    const T* x = p.x + off + c0;
+    const T* go = O::kReadsGo ? p.go + off + c0 : nullptr;
+    const T* r = O::kReadsR ? p.r + off + c0 : nullptr;
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - s) * a + o[i] * b + z;
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - s) * a + z;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t c = c0 + i;
+      const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
+      T second = T(0);
+      yp[i] = O::out(x[i], O::kReadsGo ? go[i] : T(0), O::kReadsR ? r[i] : T(0), k, second);
+      if constexpr (O::kSecond) y2[i] = second;
     }
   }
 }
 
-// ... or with per-value scalars, value i being channel i (a channels-fastest row).
-template <typename T>
-void affine_row(Writer<T>& w, const T* xp, const T* op, int64_t C, const T* s, const T* a,
-                const T* b, const T* z) {
-  for (int64_t c0 = 0; c0 < C; c0 += Writer<T>::kRun) {
-    const int64_t m = std::min(Writer<T>::kRun, C - c0);
-    T* yp = w.put(m);
-    const T *x = xp + c0, *ps = s + c0, *pa = a + c0, *pb = b + c0, *pz = z + c0;
-    if (op) {
-      const T* o = op + c0;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - ps[i]) * pa[i] + o[i] * pb[i] + pz[i];
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) yp[i] = (x[i] - ps[i]) * pa[i] + pz[i];
-    }
-  }
-}
-
-// out = k_x * (x - s) + k_o * other + k_0, per channel (other may be null).
-template <typename T>
-void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const double* s,
-                    const double* kx, const double* ko, const double* k0, bool reverse) {
+// The Op's output over the whole tensor with given per-channel scalars.
+template <typename T, typename O>
+void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse) {
   const int64_t C = lo.C;
-  const bool stream = streaming<T>(lo.R * C, other ? 2 : 1);
-  std::vector<T> vs(C), vx(C), vo(C), v0(C);
-  for (int64_t c = 0; c < C; ++c) {
-    vs[c] = static_cast<T>(s[c]);
-    vx[c] = static_cast<T>(kx[c]);
-    vo[c] = ko ? static_cast<T>(ko[c]) : T(0);
-    v0[c] = static_cast<T>(k0[c]);
-  }
+  const bool stream = O::streams(lo.R * C);
   if (!lo.fastest) {
     // runs (n, c) in order: a thread's range of runs is one contiguous output region
     parallel(lo.N * C, lo.R * C, [&](int64_t i0, int64_t i1) {
       int64_t c = i0 % C;  // one division per thread, not per run
+      const int64_t L = lo.L;
       if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
-        const int64_t L = lo.L;
         for (int64_t i = i0; i < i1; ++i) {
-          const T *xp = x + i * L, *op = other ? other + i * L : nullptr;
-          T* yp = out + i * L;
-          const T sc = vs[c], a = vx[c], b = vo[c], z = v0[c];
-          if (op) {
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) yp[l] = (xp[l] - sc) * a + op[l] * b + z;
-          } else {
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) yp[l] = (xp[l] - sc) * a + z;
-          }
+          out_span<T, O>(p.out + i * L, O::kSecond ? p.out2 + i * L : nullptr, p, i * L, L,
+                         ka.at(c));
           if (++c == C) c = 0;
         }
         return;
       }
-      Writer<T> w(out + i0 * lo.L, stream);
+      Writer<T> w(p.out + i0 * L, stream);
+      Writer<T> w2(O::kSecond ? p.out2 + i0 * L : nullptr, stream);
       for (int64_t i = i0; i < i1; ++i) {
-        affine_run(w, x + i * lo.L, other ? other + i * lo.L : nullptr, lo.L, vs[c], vx[c],
-                   vo[c], v0[c]);
+        out_run<T, O>(w, &w2, p, i * L, L, ka.at(c));
         if (++c == C) c = 0;
       }
       w.finish();
+      if (O::kSecond) w2.finish();
     });
     return;
   }
@@ -499,12 +608,11 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
       for (int64_t k = 0; k < nb; ++k) {
         const int64_t b = reverse ? nb - 1 - k : k;
         const int64_t rb = r0 + b * blk, re = std::min(r1, rb + blk);
-        Writer<T> w(out + rb * C, stream);
-        for (int64_t r = rb; r < re; ++r) {
-          affine_row(w, x + r * C, other ? other + r * C : nullptr, C, vs.data(), vx.data(),
-                     vo.data(), v0.data());
-        }
+        Writer<T> w(p.out + rb * C, stream);
+        Writer<T> w2(O::kSecond ? p.out2 + rb * C : nullptr, stream);
+        for (int64_t r = rb; r < re; ++r) out_row<T, O>(w, &w2, p, r * C, C, ka);
         w.finish();
+        if (O::kSecond) w2.finish();
       }
     }
   });
@@ -514,11 +622,11 @@ void channel_affine(const T* x, const T* other, T* out, const Layout& lo, const 
 // fits in L2, so the second pass does not go back to DRAM. A block of channels is a
 // contiguous run of cb * L values in every sample, which the prefetcher follows.
 // coef(c, sum1, sum2, shift, &kx, &ko, &k0) turns the sums into the output's coefficients.
-template <typename T, typename Coef>
-void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const double* shift_in,
+template <typename T, typename O, typename Coef>
+void nchw_fused(const Ptrs<T>& p, const Layout& lo, const double* shift_in, const Gate<T>& gate,
                 Coef coef) {
   const int64_t C = lo.C, N = lo.N, L = lo.L;
-  const int64_t per_channel = N * L * static_cast<int64_t>(sizeof(T)) * (other ? 2 : 1);
+  const int64_t per_channel = N * L * static_cast<int64_t>(sizeof(T)) * O::inputs;
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   // Channels per block: enough that the second pass re-reads the block from L2 (256 KiB
   // of input), but at least enough for contiguous runs of 8 KiB per sample (shorter runs
@@ -534,11 +642,11 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
   nb = std::min<int64_t>(C, (nb + nt - 1) / nt * nt);
   cb = (C + nb - 1) / nb;
   const int64_t nblocks = (C + cb - 1) / cb;
-  const bool stream = streaming<T>(N * C * L, other ? 2 : 1);
+  const bool stream = O::streams(N * C * L);
   const std::vector<int64_t> off = shift_in ? std::vector<int64_t>() : sample_offsets(lo);
   parallel(nblocks, N * C * L, [&](int64_t b0, int64_t b1) {
     std::vector<double> a1(cb), a2(cb), sh(cb), kx(cb), ko(cb), k0(cb);
-    std::vector<T> tsh(cb);
+    std::vector<K<T>> ks(cb);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t c0 = blk * cb, c1 = std::min(C, c0 + cb), m = c1 - c0;
       for (int64_t j = 0; j < m; ++j) {
@@ -546,50 +654,48 @@ void nchw_fused(const T* x, const T* other, T* out, const Layout& lo, const doub
         if (shift_in) {
           sh[j] = static_cast<double>(static_cast<T>(shift_in[c]));
         } else {
-          sh[j] = channel_shift(x, lo, off, c);
+          sh[j] = channel_shift(p.x, lo, off, c);
         }
-        tsh[j] = static_cast<T>(sh[j]);
+        ks[j] = K<T>{static_cast<T>(sh[j]), T(0), T(0), T(0), T(0), T(0), T(0)};
+        gate.fill(ks[j], c);
         a1[j] = 0;
         a2[j] = 0;
       }
       for (int64_t nn = 0; nn < N; ++nn) {
         for (int64_t j = 0; j < m; ++j) {
-          const int64_t off = (nn * C + c0 + j) * L;
-          const T* xp = x + off;
-          const T sc = tsh[j];
+          const int64_t base = (nn * C + c0 + j) * L;
+          const T* xp = p.x + base;
+          const T* gp = O::kReadsGo ? p.go + base : nullptr;
+          const T* rp = O::kReadsR ? p.r + base : nullptr;
+          const K<T> k = ks[j];
           for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
             const int64_t l1 = std::min(L, l0 + kChunk);
             T q1 = 0, q2 = 0;
-            if (other) {
-              const T* op = other + off;
 #pragma omp simd reduction(+ : q1, q2)
-              for (int64_t l = l0; l < l1; ++l) {
-                q1 += op[l];
-                q2 += op[l] * (xp[l] - sc);
-              }
-            } else {
-#pragma omp simd reduction(+ : q1, q2)
-              for (int64_t l = l0; l < l1; ++l) {
-                const T d = xp[l] - sc;
-                q1 += d;
-                q2 += d * d;
-              }
+            for (int64_t l = l0; l < l1; ++l) {
+              T u, v;
+              O::sum(xp[l], O::kReadsGo ? gp[l] : T(0), O::kReadsR ? rp[l] : T(0), k, u, v);
+              q1 += u;
+              q2 += v;
             }
             a1[j] += q1;
             a2[j] += q2;
           }
         }
       }
-      for (int64_t j = 0; j < m; ++j) coef(c0 + j, a1[j], a2[j], sh[j], &kx[j], &ko[j], &k0[j]);
-      if (!out) continue;
+      for (int64_t j = 0; j < m; ++j) {
+        coef(c0 + j, a1[j], a2[j], sh[j], &kx[j], &ko[j], &k0[j]);
+        ks[j].kx = static_cast<T>(kx[j]);
+        ks[j].ko = static_cast<T>(ko[j]);
+        ks[j].k0 = static_cast<T>(k0[j]);
+      }
+      if (!p.out) continue;
       for (int64_t nn = 0; nn < N; ++nn) {
-        Writer<T> w(out + (nn * C + c0) * L, stream);
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t off = (nn * C + c0 + j) * L;
-          affine_run(w, x + off, other ? other + off : nullptr, L, tsh[j],
-                     static_cast<T>(kx[j]), static_cast<T>(ko[j]), static_cast<T>(k0[j]));
-        }
+        Writer<T> w(p.out + (nn * C + c0) * L, stream);
+        Writer<T> w2(O::kSecond ? p.out2 + (nn * C + c0) * L : nullptr, stream);
+        for (int64_t j = 0; j < m; ++j) out_run<T, O>(w, &w2, p, (nn * C + c0 + j) * L, L, ks[j]);
         w.finish();
+        if (O::kSecond) w2.finish();
       }
     }
   });
@@ -704,28 +810,63 @@ void check_like(const at::Tensor& t, const at::Tensor& x, const char* fn, const 
 }  // namespace
 
 namespace {
-std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
-                                   const c10::optional<at::Tensor>& b, double eps, bool want_y);
+
+// The activation code of the Python side: 0 none, 1 relu, 2 relu6.
+void check_act(int64_t act, const char* fn) {
+  TORCH_CHECK(act == kNoAct || act == kRelu || act == kRelu6, fn, ": activation code ", act,
+              " (expected 0 none, 1 relu, 2 relu6)");
 }
 
-// Returns (y, mean, biased var); mean/var float64 of shape (C,). With running buffers
-// (contiguous, one float dtype: the caller checks), also updates them in place with
-// factor f (update_running_impl).
+bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A residual (input-shaped, any float dtype and layout) in the kernel's layout and dtype.
+at::Tensor residual_like(const c10::optional<at::Tensor>& r, const at::Tensor& x_in,
+                         const at::Tensor& x, bool fastest, const char* fn) {
+  if (!has(r)) return at::Tensor();
+  check_like(*r, x_in, fn, "residual");
+  return as_layout(r->scalar_type() == x.scalar_type() ? *r : r->to(x.scalar_type()), fastest);
+}
+
+// Calls f with the Op type for (M, act, residual): the one place the codes become types.
+template <typename T, int M, typename F>
+void with_op(int64_t act, bool res, const F& f) {
+  auto pick = [&](auto a) {
+    constexpr int A = decltype(a)::value;
+    if (res) f(Op<T, M, A, true>{});
+    else f(Op<T, M, A, false>{});
+  };
+  if (act == kRelu) pick(std::integral_constant<int, kRelu>{});
+  else if (act == kRelu6) pick(std::integral_constant<int, kRelu6>{});
+  else pick(std::integral_constant<int, kNoAct>{});
+}
+
+std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
+                                   const c10::optional<at::Tensor>& b, double eps, bool want_y,
+                                   const c10::optional<at::Tensor>& residual, int64_t act,
+                                   const char* fn);
+}  // namespace
+
+// Returns (y, mean, biased var, coef); mean/var float64 of shape (C,). y = act(bn(x) [+
+// residual]) (act: check_act's code). With running buffers (contiguous, one float dtype),
+// also updates them in place with factor f (update_running_impl). coef (float64 (3, C):
+// the shift, scale and offset of the pre-activation, values of x's dtype) is what the
+// gated backward needs; undefined without an activation.
 std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
                                       const c10::optional<at::Tensor>& b, double eps,
                                       c10::optional<at::Tensor> running_mean,
-                                      c10::optional<at::Tensor> running_var, double f) {
+                                      c10::optional<at::Tensor> running_var, double f,
+                                      const c10::optional<at::Tensor>& residual, int64_t act) {
   const char* fn = "bnkit forward_train";
   check_input(x_in, fn);
+  check_act(act, fn);
   const int64_t C = x_in.size(1);
   check_channel(w, C, fn, "weight");
   check_channel(b, C, fn, "bias");
   TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
-  const bool has_rm = running_mean.has_value() && running_mean->defined();
-  const bool has_rv = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_rm == has_rv, fn, ": give both running buffers or neither");
+  const bool has_rm = has(running_mean);
+  TORCH_CHECK(has_rm == has(running_var), fn, ": give both running buffers or neither");
   if (has_rm) check_running(*running_mean, *running_var, C, fn);
-  auto r = train_impl(x_in, w, b, eps, true);
+  auto r = train_impl(x_in, w, b, eps, true, residual, act, fn);
   if (has_rm) {
     update_running_impl(*running_mean, *running_var, r[1].data_ptr<double>(),
                         r[2].data_ptr<double>(), x_in.numel() / x_in.size(1), f);
@@ -735,28 +876,38 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
 
 // Returns (mean, biased var), float64 (C,): the statistics pass alone.
 std::vector<at::Tensor> stats(const at::Tensor& x_in) {
-  check_input(x_in, "bnkit stats");
-  auto r = train_impl(x_in, c10::nullopt, c10::nullopt, 1.0, false);
+  const char* fn = "bnkit stats";
+  check_input(x_in, fn);
+  auto r = train_impl(x_in, c10::nullopt, c10::nullopt, 1.0, false, c10::nullopt, kNoAct, fn);
   return {r[1], r[2]};
 }
 
 namespace {
 std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
-                                   const c10::optional<at::Tensor>& b, double eps, bool want_y) {
+                                   const c10::optional<at::Tensor>& b, double eps, bool want_y,
+                                   const c10::optional<at::Tensor>& residual, int64_t act,
+                                   const char* fn) {
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
+  const at::Tensor r = residual_like(residual, x_in, x, lo.fastest, fn);
   const int64_t C = lo.C;
   const double n = static_cast<double>(lo.N * lo.L);
   auto dopt = at::TensorOptions().dtype(at::kDouble);
   at::Tensor mean = at::empty({C}, dopt), var = at::empty({C}, dopt);
-  std::vector<double> s(C), s1(C), s2(C), kx(C), k0(C);
+  at::Tensor fcoef = act != kNoAct ? at::empty({3, C}, dopt) : at::Tensor();
+  std::vector<double> s(C), s1(C), s2(C);
   const std::vector<double> wd = want_y ? doubles(w, C, 1.0) : std::vector<double>(C, 1.0);
   const std::vector<double> bd = want_y ? doubles(b, C, 0.0) : std::vector<double>(C, 0.0);
   at::Tensor y = want_y ? new_output(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_train", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    using T = scalar_t;
+    Ptrs<T> p;
+    p.x = x.data_ptr<T>();
+    p.r = r.defined() ? r.data_ptr<T>() : nullptr;
+    p.out = want_y ? y.data_ptr<T>() : nullptr;
     double* mp = mean.data_ptr<double>();
     double* vp = var.data_ptr<double>();
+    double* fc = fcoef.defined() ? fcoef.data_ptr<double>() : nullptr;
     const double* wp = wd.data();
     const double* bp = bd.data();
     auto coef = [&](int64_t c, double a1, double a2, double sh, double* ka, double* ko,
@@ -770,44 +921,75 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
       *ka = a;
       *ko = 0;
       *kz = bp[c] - lo_mean * a;
+      if (fc) {  // exactly what the output loop uses: values of T
+        fc[c] = static_cast<double>(static_cast<T>(sh));
+        fc[C + c] = static_cast<double>(static_cast<T>(a));
+        fc[2 * C + c] = static_cast<double>(static_cast<T>(*kz));
+      }
     };
     if (!lo.fastest) {
-      nchw_fused<scalar_t>(xp, nullptr, want_y ? y.data_ptr<scalar_t>() : nullptr, lo, nullptr,
-                           coef);
+      if (!want_y) {
+        nchw_fused<T, Op<T, kStats, kNoAct, false>>(p, lo, nullptr, Gate<T>{}, coef);
+        return;
+      }
+      with_op<T, kFwd>(act, p.r != nullptr, [&](auto op) {
+        nchw_fused<T, decltype(op)>(p, lo, nullptr, Gate<T>{}, coef);
+      });
       return;
     }
-    row_shifts(xp, lo, s.data());
-    row_sums<scalar_t>(xp, nullptr, lo, s.data(), s1.data(), s2.data());
-    double unused = 0;
-    for (int64_t c = 0; c < C; ++c) coef(c, s1[c], s2[c], s[c], &kx[c], &unused, &k0[c]);
+    row_shifts(p.x, lo, s.data());
+    KArrays<T> ka(C);
+    for (int64_t c = 0; c < C; ++c) ka.s[c] = static_cast<T>(s[c]);
+    row_sums<T, Op<T, kStats, kNoAct, false>>(p, lo, ka, s1.data(), s2.data());
+    double kx = 0, ko = 0, k0 = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      coef(c, s1[c], s2[c], s[c], &kx, &ko, &k0);
+      ka.kx[c] = static_cast<T>(kx);
+      ka.k0[c] = static_cast<T>(k0);
+    }
     if (!want_y) return;
-    channel_affine<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), lo, s.data(), kx.data(),
-                             nullptr, k0.data(), true);
+    with_op<T, kFwd>(act, p.r != nullptr,
+                     [&](auto op) { channel_map<T, decltype(op)>(p, lo, ka, true); });
   });
-  return {y, mean, var};
+  return {y, mean, var, fcoef};
 }
 }  // namespace
 
 // Closed-form training backward (see functional._train_backward). `stat` is the biased
 // batch variance (invstd = 1 / sqrt(var + eps)), or invstd itself when `is_invstd`.
-// Returns (grad_x or undefined, sum(go * xhat), sum(go)): the sums as float64 when
-// `raw_sums`, else as the weight and bias gradients (weight's dtype; x's without weight).
+// With an activation (act, with fcoef from forward_train, and the residual when the
+// forward had one), grad_out is first gated by the activation's derivative.
+// Returns (grad_x or undefined, sum(g * xhat), sum(g), grad_residual or undefined): the
+// sums as float64 when `raw_sums`, else as the weight and bias gradients (weight's dtype;
+// x's without weight); grad_residual is the gated gradient, only with an activation and a
+// residual (else it is grad_out itself, which the caller has).
 std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor& x_in,
                                        const c10::optional<at::Tensor>& w, const at::Tensor& mean,
                                        const at::Tensor& stat, double eps, bool is_invstd,
-                                       bool need_gx, bool raw_sums) {
+                                       bool need_gx, bool raw_sums,
+                                       const c10::optional<at::Tensor>& residual, int64_t act,
+                                       const c10::optional<at::Tensor>& fcoef) {
   const char* fn = "bnkit backward_train";
   check_input(x_in, fn);
   check_like(go_in, x_in, fn, "grad_output");
+  check_act(act, fn);
   const int64_t C_in = x_in.size(1);
   check_channel(w, C_in, fn, "weight");
   check_channel(mean, C_in, fn, "mean");
   check_channel(stat, C_in, fn, is_invstd ? "invstd" : "var");
+  const bool gated = act != kNoAct;
+  if (gated) {
+    TORCH_CHECK(has(fcoef) && fcoef->scalar_type() == at::kDouble && fcoef->is_contiguous() &&
+                    fcoef->dim() == 2 && fcoef->size(0) == 3 && fcoef->size(1) == C_in,
+                fn, ": an activation needs the forward's coefficients, a contiguous float64 (3, ",
+                C_in, ") tensor");
+  }
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
                                                                      : go_in.to(x.scalar_type()),
                             lo.fastest);
+  const at::Tensor r = gated ? residual_like(residual, x_in, x, lo.fastest, fn) : at::Tensor();
   const int64_t C = lo.C;
   const double n = static_cast<double>(lo.N * lo.L);
   std::vector<double> gsum(C), gxhat(C);
@@ -815,13 +997,12 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
   std::vector<double> id = doubles(stat, C, 1.0);
   if (!is_invstd)
     for (int64_t c = 0; c < C; ++c) id[c] = 1.0 / std::sqrt(id[c] + eps);
-  at::Tensor gx;
+  at::Tensor gx, gr;
   if (need_gx) gx = new_output(x);
+  if (gated && r.defined()) gr = new_output(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_backward_train", [&] {
-    std::vector<double> s(C), sg(C), sgd(C), kx(C), ko(C), k0(C);
+    using T = scalar_t;
     const double* mp = md.data();
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = go.data_ptr<scalar_t>();
     const double* ip = id.data();
     const double* wp = wd.data();
     double* gs = gsum.data();
@@ -838,32 +1019,74 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
       *ka = kd;
       *kz = -a * a1 / n - kd * lo_c;
     };
-    scalar_t* outp = need_gx ? gx.data_ptr<scalar_t>() : nullptr;
+    Ptrs<T> p;
+    p.x = x.data_ptr<T>();
+    p.go = go.data_ptr<T>();
+    p.r = r.defined() ? r.data_ptr<T>() : nullptr;
+    // without grad_x, the gated gradient of the residual is still wanted
+    p.out = need_gx ? gx.data_ptr<T>() : nullptr;
+    p.out2 = gr.defined() ? gr.data_ptr<T>() : nullptr;
+    at::Tensor scratch;
+    if (!p.out && p.out2) {
+      scratch = new_output(x);
+      p.out = scratch.data_ptr<T>();
+    }
+    Gate<T> gate;
+    if (gated) {
+      gate.p = fcoef->data_ptr<double>();
+      gate.C = C;
+    }
     if (!lo.fastest) {
-      nchw_fused<scalar_t>(xp, gp, outp, lo, mp, coef);
+      with_op<T, kBwd>(act, p.r != nullptr, [&](auto op) {
+        nchw_fused<T, decltype(op)>(p, lo, mp, gate, coef);
+      });
       return;
     }
-    for (int64_t c = 0; c < C; ++c) s[c] = static_cast<double>(static_cast<scalar_t>(mp[c]));
-    row_sums<scalar_t>(xp, gp, lo, s.data(), sg.data(), sgd.data());
-    for (int64_t c = 0; c < C; ++c) coef(c, sg[c], sgd[c], s[c], &kx[c], &ko[c], &k0[c]);
-    if (outp) {
-      channel_affine<scalar_t>(xp, gp, outp, lo, s.data(), kx.data(), ko.data(), k0.data(),
-                               true);
+    KArrays<T> ka(C);
+    std::vector<double> s(C), sg(C), sgd(C);
+    for (int64_t c = 0; c < C; ++c) {
+      s[c] = static_cast<double>(static_cast<T>(mp[c]));
+      ka.s[c] = static_cast<T>(s[c]);
+      K<T> k{};
+      gate.fill(k, c);
+      ka.fs[c] = k.fs;
+      ka.fa[c] = k.fa;
+      ka.fk[c] = k.fk;
     }
+    with_op<T, kBwd>(act, p.r != nullptr, [&](auto op) {
+      using O = decltype(op);
+      row_sums<T, O>(p, lo, ka, sg.data(), sgd.data());
+      double kx = 0, ko = 0, k0 = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        coef(c, sg[c], sgd[c], s[c], &kx, &ko, &k0);
+        ka.kx[c] = static_cast<T>(kx);
+        ka.ko[c] = static_cast<T>(ko);
+        ka.k0[c] = static_cast<T>(k0);
+      }
+      if (p.out) channel_map<T, O>(p, lo, ka, true);
+    });
   });
-  if (raw_sums) return {gx, tensor_of(gxhat, at::kDouble), tensor_of(gsum, at::kDouble)};
-  const bool has_w = w.has_value() && w->defined();
-  const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
-  return {gx, has_w ? tensor_of(gxhat, pdt) : at::Tensor(), tensor_of(gsum, pdt)};
+  std::vector<at::Tensor> out;
+  if (raw_sums) {
+    out = {gx, tensor_of(gxhat, at::kDouble), tensor_of(gsum, at::kDouble)};
+  } else {
+    const bool has_w = has(w);
+    const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
+    out = {gx, has_w ? tensor_of(gxhat, pdt) : at::Tensor(), tensor_of(gsum, pdt)};
+  }
+  out.push_back(gr);
+  return out;
 }
 
-// Eval: y = (x - running_mean) * scale + shift per channel, with scale = weight /
-// sqrt(running_var + eps) and shift = bias computed here in double.
+// Eval: y = act((x - running_mean) * scale + shift [+ residual]) per channel, with scale =
+// weight / sqrt(running_var + eps) and shift = bias computed here in double.
 at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& w,
-                        const c10::optional<at::Tensor>& b, double eps) {
+                        const c10::optional<at::Tensor>& b, double eps,
+                        const c10::optional<at::Tensor>& residual, int64_t act) {
   const char* fn = "bnkit forward_eval";
   check_input(x_in, fn);
+  check_act(act, fn);
   const int64_t C_in = x_in.size(1);
   check_channel(running_mean, C_in, fn, "running_mean");
   check_channel(running_var, C_in, fn, "running_var");
@@ -871,6 +1094,7 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   check_channel(b, C_in, fn, "bias");
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
+  const at::Tensor r = residual_like(residual, x_in, x, lo.fastest, fn);
   at::Tensor y = new_output(x);
   const int64_t C = lo.C;
   const std::vector<double> md = doubles(running_mean, C, 0.0), hd = doubles(b, C, 0.0);
@@ -878,8 +1102,19 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   const std::vector<double> wd = doubles(w, C, 1.0);
   for (int64_t c = 0; c < C; ++c) sd[c] = wd[c] / std::sqrt(sd[c] + eps);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_eval", [&] {
-    channel_affine<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), lo,
-                             md.data(), sd.data(), nullptr, hd.data(), false);
+    using T = scalar_t;
+    KArrays<T> ka(C);
+    for (int64_t c = 0; c < C; ++c) {
+      ka.s[c] = static_cast<T>(md[c]);
+      ka.kx[c] = static_cast<T>(sd[c]);
+      ka.k0[c] = static_cast<T>(hd[c]);
+    }
+    Ptrs<T> p;
+    p.x = x.data_ptr<T>();
+    p.r = r.defined() ? r.data_ptr<T>() : nullptr;
+    p.out = y.data_ptr<T>();
+    with_op<T, kFwd>(act, p.r != nullptr,
+                     [&](auto op) { channel_map<T, decltype(op)>(p, lo, ka, false); });
   });
   return y;
 }
@@ -905,11 +1140,19 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
   const std::vector<double> md = doubles(mean, C, 0.0), xd = doubles(kx, C, 0.0);
   const std::vector<double> od = doubles(ko, C, 0.0), zd = doubles(k0, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_grad_apply", [&] {
-    std::vector<double> s(C);
-    for (int64_t c = 0; c < C; ++c) s[c] = static_cast<double>(static_cast<scalar_t>(md[c]));
-    channel_affine<scalar_t>(x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
-                             gx.data_ptr<scalar_t>(), lo, s.data(), xd.data(), od.data(),
-                             zd.data(), false);
+    using T = scalar_t;
+    KArrays<T> ka(C);
+    for (int64_t c = 0; c < C; ++c) {
+      ka.s[c] = static_cast<T>(md[c]);
+      ka.kx[c] = static_cast<T>(xd[c]);
+      ka.ko[c] = static_cast<T>(od[c]);
+      ka.k0[c] = static_cast<T>(zd[c]);
+    }
+    Ptrs<T> p;
+    p.x = x.data_ptr<T>();
+    p.go = go.data_ptr<T>();
+    p.out = gx.data_ptr<T>();
+    channel_map<T, Op<T, kBwd, kNoAct, false>>(p, lo, ka, false);
   });
   return gx;
 }

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ACTIVATIONS",
     "BACKENDS",
     "FastPath",
     "available",
@@ -166,6 +167,7 @@ def available() -> bool:
 
 
 FAST_DTYPES = (torch.float32, torch.float64)
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}  # the kernels' activation codes
 
 
 class FastPath:
@@ -190,12 +192,17 @@ class FastPath:
         *,
         eps: float,
         running: tuple[Tensor, Tensor, float] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(y, mean, biased var) with batch statistics; ``running = (running_mean,
-        running_var, factor)`` also updates those buffers in place in the same call."""
+        residual: Tensor | None = None,
+        act: int = 0,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(y, mean, biased var, coef) with batch statistics, ``y = act(bn(x) [+
+        residual])`` (``act``: an :data:`ACTIVATIONS` code); ``running = (running_mean,
+        running_var, factor)`` also updates those buffers in place in the same call.
+        ``coef`` is what :meth:`backward_train` needs to gate an activation (None
+        without one)."""
         rm, rv, f = running if running is not None else (None, None, 0.0)
-        y, mean, var = self._mod.forward_train(x, weight, bias, eps, rm, rv, f)
-        return y, mean, var
+        y, mean, var, coef = self._mod.forward_train(x, weight, bias, eps, rm, rv, f, residual, act)
+        return y, mean, var, (coef if act else None)
 
     def backward_train(
         self,
@@ -209,17 +216,24 @@ class FastPath:
         eps: float = 0.0,
         need_grad_input: bool,
         raw_sums: bool,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        act: int = 0,
+        coef: Tensor | None = None,
+        residual: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
         """The closed-form training backward given the biased ``var`` (with ``eps``) or
-        ``invstd``: (grad_x or None, sum(go * xhat), sum(go)); the sums as float64 when
-        ``raw_sums``, else as the weight and bias gradients."""
+        ``invstd``: (grad_x or None, sum(g * xhat), sum(g), grad_residual or None); the
+        sums as float64 when ``raw_sums``, else as the weight and bias gradients. With an
+        activation (``act``, ``coef`` from :meth:`forward_train` and its ``residual``),
+        ``g`` is ``grad_out`` gated by the activation's derivative; grad_residual is that
+        ``g`` (given only with an activation and a residual)."""
         stat = invstd if invstd is not None else var
         if stat is None:
             raise ValueError("FastPath.backward_train: give var or invstd")
-        gx, gxhat, gsum = self._mod.backward_train(
-            grad_out, x, weight, mean, stat, eps, invstd is not None, need_grad_input, raw_sums
-        )
-        return (gx if need_grad_input else None), gxhat, gsum
+        gx, gxhat, gsum, gres = self._mod.backward_train(
+            grad_out, x, weight, mean, stat, eps, invstd is not None, need_grad_input,
+            raw_sums, residual, act, coef,
+        )  # fmt: skip
+        return (gx if need_grad_input else None), gxhat, gsum, gres
 
     def forward_eval(
         self,
@@ -230,8 +244,13 @@ class FastPath:
         bias: Tensor | None,
         *,
         eps: float,
+        residual: Tensor | None = None,
+        act: int = 0,
     ) -> Tensor:
-        y: Tensor = self._mod.forward_eval(x, running_mean, running_var, weight, bias, eps)
+        """``act((x - running_mean) * scale + shift [+ residual])``."""
+        y: Tensor = self._mod.forward_eval(
+            x, running_mean, running_var, weight, bias, eps, residual, act
+        )
         return y
 
     def grad_apply(

@@ -378,7 +378,7 @@ def train_backward(
     lo = mean - mean.to(cdt).to(mean.dtype)  # what the compute-dtype shift missed
     if fast is not None:
         # the sums from the fast path (both passes there when nothing is reduced)
-        gx, raw_go_xhat, sum_go = fast.backward_train(
+        gx, raw_go_xhat, sum_go, _ = fast.backward_train(
             grad_out,
             x,
             weight,
@@ -506,7 +506,7 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     # unset: it runs where the fast path is not usable, e.g. under torch.func)
     fast = None if torch.is_grad_enabled() else getattr(ctx, "fast", None)
     if fast is not None:
-        gx, gw, gb = fast.backward_train(
+        gx, gw, gb, _ = fast.backward_train(
             grad_out,
             x,
             weight,
@@ -543,7 +543,7 @@ class _FastTrainNorm(torch.autograd.Function):
         running: tuple[Tensor, Tensor, float] | None,
         with_stats: bool,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = fast.forward_train(x, weight, bias, eps=eps, running=running)
+        y, mean, var, _ = fast.forward_train(x, weight, bias, eps=eps, running=running)
         ctx.eps = eps
         ctx.fast = fast
         ctx.has_bias = bias is not None
