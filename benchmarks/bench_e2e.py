@@ -1,5 +1,6 @@
 """End to end: one SGD training step of real CNN shapes, torch's BatchNorm vs the same model
-through ``bnkit.convert``, NCHW and channels_last, timed in turn in one process.
+through ``bnkit.convert`` and through ``bnkit.fuse_activations`` (BatchNorm + add + ReLU
+fused), NCHW and channels_last, timed in turn in one process.
 
     python benchmarks/bench_e2e.py                 # ResNet-18 and MobileNetV2 (batch 16,
                                                    # 224 px), CIFAR ResNet-20 (batch 128, 32 px)
@@ -7,9 +8,10 @@ through ``bnkit.convert``, NCHW and channels_last, timed in turn in one process.
     python benchmarks/bench_e2e.py --threads 1 --repeats 10
 
 The models are defined here (the torchvision architectures, without torchvision). Each row:
-median step time of each (forward, backward, SGD update), the ratio bnkit/torch as the
-median of per-repeat ratios of back-to-back steps (< 1: bnkit faster), and the share of
-torch's step spent in BatchNorm (torch.profiler, once).
+median step time of each (forward, backward, SGD update), the ratios bnkit/torch and
+fused/torch as the median of per-repeat ratios of back-to-back steps (< 1: bnkit faster),
+and the share of torch's step spent in BatchNorm and in the activations (torch.profiler,
+once).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], No
     return step
 
 
-def _bn_share(model: nn.Module, step: Callable[[], None]) -> float:
+def _shares(model: nn.Module, step: Callable[[], None]) -> tuple[float, float]:
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -151,9 +153,14 @@ def _bn_share(model: nn.Module, step: Callable[[], None]) -> float:
         for fd in (*saved, null):
             os.close(fd)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
     bn = sum(e.self_cpu_time_total for e in events if "batch_norm" in e.key)
-    return bn / total if total else 0.0
+    act = sum(
+        e.self_cpu_time_total
+        for e in events
+        if any(k in e.key for k in ("relu", "hardtanh", "threshold_backward"))
+    )
+    return bn / total, act / total
 
 
 def main() -> None:
@@ -168,9 +175,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
           f"{repeats} repeats, fast path: {bnkit.nn.fast_path_available()}")  # fmt: skip
     print(
-        f"{'model':<16} {'format':<14} {'torch ms':>9} {'bnkit ms':>9} {'ratio':>6} {'BN share':>9}"
+        f"{'model':<16} {'format':<14} {'torch ms':>9} {'bnkit ms':>9} {'fused ms':>9} "
+        f"{'bnkit/torch':>11} {'fused/torch':>11} {'BN share':>9} {'act share':>9}"
     )
-    ratios = []
+    ratios: dict[str, list[float]] = {"bnkit": [], "fused": []}
     for name, (make, batch, px) in MODELS.items():
         if args.only and name not in args.only.split(","):
             continue
@@ -182,23 +190,34 @@ def main() -> None:
             torch.manual_seed(0)
             ref = make()
             ours = bnkit.convert(copy.deepcopy(ref), to="bnkit")
+            fused = bnkit.fuse_activations(copy.deepcopy(ref))
             xi = x
             if fmt == "channels_last":
                 ref = ref.to(memory_format=torch.channels_last)
                 ours = ours.to(memory_format=torch.channels_last)
+                fused = fused.to(memory_format=torch.channels_last)
                 xi = x.contiguous(memory_format=torch.channels_last)
-            steps = {"torch": _step(ref, xi, y), "bnkit": _step(ours, xi, y)}
-            share = _bn_share(ref, steps["torch"])
+            steps = {
+                "torch": _step(ref, xi, y),
+                "bnkit": _step(ours, xi, y),
+                "fused": _step(fused, xi, y),
+            }
+            bn_share, act_share = _shares(ref, steps["torch"])
             t = interleaved_times(steps, repeats=repeats, warmup=2)
-            ratio = statistics.median(a / b for a, b in zip(t["bnkit"], t["torch"], strict=True))
-            ratios.append(ratio)
+            row = {}
+            for kind in ("bnkit", "fused"):
+                pairs = zip(t[kind], t["torch"], strict=True)
+                row[kind] = statistics.median(a / b for a, b in pairs)
+                ratios[kind].append(row[kind])
+            ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
             print(
-                f"{name:<16} {fmt:<14} {statistics.median(t['torch']) * 1e3:9.1f} "
-                f"{statistics.median(t['bnkit']) * 1e3:9.1f} {ratio:6.3f} {share:9.1%}"
+                f"{name:<16} {fmt:<14} {ms['torch']:9.1f} {ms['bnkit']:9.1f} {ms['fused']:9.1f} "
+                f"{row['bnkit']:11.3f} {row['fused']:11.3f} {bn_share:9.1%} {act_share:9.1%}"
             )
-    if ratios:
-        geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        print(f"geomean ratio bnkit/torch: {geo:.3f} (max {max(ratios):.3f})")
+    for kind, rs in ratios.items():
+        if rs:
+            geo = math.exp(sum(math.log(r) for r in rs) / len(rs))
+            print(f"geomean ratio {kind}/torch: {geo:.3f} (max {max(rs):.3f})")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from bnkit.tools.convert import convert
 from bnkit.tools.diagnose import diagnose
 from bnkit.tools.fold import fold
 from bnkit.tools.freeze import StatsGuard, freeze, frozen_layers, no_stats_update, unfreeze
+from bnkit.tools.fuse import fuse_activations, fused_sites
 from bnkit.tools.recalibrate import recalibrate
 
 __version__ = "0.1.0"
@@ -62,6 +63,8 @@ __all__ = [
     "convert",
     "diagnose",
     "fold",
+    "fuse_activations",
+    "fused_sites",
     "from_flax",
     "from_keras",
     "freeze",

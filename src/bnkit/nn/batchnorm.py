@@ -186,6 +186,8 @@ class BatchNormBase(TorchBatchNorm):
         return f"{type(self).__name__}({self.num_features})"
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if isinstance(input, torch.fx.Proxy):  # fx tracing through torch's forward
+            return
         F.validate(
             input,
             where=self._layer_name(),
@@ -200,12 +202,23 @@ class BatchNormBase(TorchBatchNorm):
         validate_layer(self, input, batch_stats)
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, None, 0)
+
+    def _forward(self, input: Tensor, residual: Tensor | None, act: int) -> Tensor:
+        """``act(self(input) + residual)`` (``act``: an activation code of
+        ``bnkit.nn._kernels.ACTIVATIONS``), fused into the normalization's passes where the
+        fast path runs: what :func:`bnkit.nn.fused.batch_norm_act` calls. ``residual``
+        must have the input's shape, dtype and device (the caller checks)."""
         buffers = self._buffers
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         training = self.training
         bn_training = training or (running_mean is None and running_var is None)
         if not bn_training and _export.exporting():
-            return _export.eval_op(self, input)
+            return F.finish_activation(_export.eval_op(self, input), residual, act)
+        if not isinstance(input, Tensor) and isinstance(input, torch.fx.Proxy):
+            # torch.fx tracing through this layer (fx's default tracer makes only torch's
+            # own modules leaves): record torch's ops, as tracing torch's layer does
+            return F.finish_activation(TorchBatchNorm.forward(self, input), residual, act)
         validate_layer(self, input, bn_training)
         factor = 0.0
         track = self.track_running_stats
@@ -223,6 +236,8 @@ class BatchNormBase(TorchBatchNorm):
             bn_training,
             factor,
             self.eps,
+            residual,
+            act,
         )
 
     def __prepare_scriptable__(self) -> Module:

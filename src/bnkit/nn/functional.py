@@ -481,22 +481,27 @@ class _TrainNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.has_bias = _bias is not None
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_backward(x, weight, mean, var, None, None)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
-        return _train_norm_backward(ctx, grad_out)
+        return _train_norm_backward(ctx, grad_out)[:4]
 
 
 def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     """Backward of both training Functions: the fast path's kernel when no graph is being
-    built, else the differentiable closed form with the statistics recomputed from x."""
-    x, weight, mean, var = ctx.saved_tensors
+    built, else the differentiable closed form with the statistics recomputed from x.
+    Returns the gradients of (x, weight, bias, eps, residual): a fused activation
+    (``ctx.act``, only on the fast path) gates ``grad_out`` first, and the residual's
+    gradient is the gated gradient."""
+    x, weight, mean, var, residual, coef = ctx.saved_tensors
+    act = getattr(ctx, "act", 0)
     needs = (
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         ctx.needs_input_grad[2] and ctx.has_bias,
     )
+    need_res = getattr(ctx, "needs_residual_grad", False)
     if torch.is_grad_enabled():
         # Double backward: the statistics depend on x, so recompute them
         # differentiably and let autograd differentiate the closed form.
@@ -506,7 +511,7 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     # unset: it runs where the fast path is not usable, e.g. under torch.func)
     fast = None if torch.is_grad_enabled() else getattr(ctx, "fast", None)
     if fast is not None:
-        gx, gw, gb, _ = fast.backward_train(
+        gx, gw, gb, gres = fast.backward_train(
             grad_out,
             x,
             weight,
@@ -515,12 +520,34 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
             eps=ctx.eps,
             need_grad_input=needs[0],
             raw_sums=False,
+            act=act,
+            coef=coef,
+            residual=residual if act else None,
         )
         keep = [g if need else None for g, need in zip((gx, gw, gb), needs, strict=True)]
-        return (*keep, None)
+        if need_res and gres is None:
+            gres = grad_out  # no activation: the add passes the gradient on unchanged
+        return (*keep, None, gres if need_res else None)
+    if act:
+        grad_out = gate_activation(grad_out, x, coef, residual, act)
     invstd = inv_std(var, ctx.eps)
     gx, gw, gb = train_backward(grad_out, x, weight, mean, invstd, needs)
-    return gx, gw, gb, None
+    return gx, gw, gb, None, (grad_out if need_res else None)
+
+
+def gate_activation(
+    grad_out: Tensor, x: Tensor, coef: Tensor, residual: Tensor | None, act: int
+) -> Tensor:
+    """``grad_out`` times the activation's derivative at the fused forward's
+    pre-activation ``(x - s) * a + k [+ residual]`` (``coef`` rows s, a, k), with torch
+    ops (differentiable in ``grad_out``: the double-backward path)."""
+    shape = channel_shape(x)
+    s, a, k = (c.to(x.dtype).view(shape) for c in coef)
+    pre = (x - s) * a + k
+    if residual is not None:
+        pre = pre + residual.to(x.dtype)
+    dead = pre <= 0 if act == _kernels.ACTIVATIONS["relu"] else (pre <= 0) | (pre >= 6)
+    return torch.where(dead, torch.zeros_like(grad_out), grad_out)
 
 
 class _FastTrainNorm(torch.autograd.Function):
@@ -530,7 +557,9 @@ class _FastTrainNorm(torch.autograd.Function):
     buffers in place in the same call (they are not inputs of the graph). Returns
     ``(y, mean, var)`` when ``with_stats``, else ``y`` alone: the modules' path, where the
     kernel has already updated the running statistics, so two outputs fewer are wrapped
-    and marked (this Function sits on the per-call overhead of small layers)."""
+    and marked (this Function sits on the per-call overhead of small layers).
+    ``y = act(bn(x) + residual)`` with a residual and an activation code ``act`` (see
+    :func:`apply_batch_norm`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -542,12 +571,19 @@ class _FastTrainNorm(torch.autograd.Function):
         fast: _kernels.FastPath,
         running: tuple[Tensor, Tensor, float] | None,
         with_stats: bool,
+        residual: Tensor | None = None,
+        act: int = 0,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, _ = fast.forward_train(x, weight, bias, eps=eps, running=running)
+        y, mean, var, coef = fast.forward_train(
+            x, weight, bias, eps=eps, running=running, residual=residual, act=act
+        )
         ctx.eps = eps
         ctx.fast = fast
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, mean, var)
+        if act or residual is not None:
+            ctx.act = act
+            ctx.needs_residual_grad = residual is not None and residual.requires_grad
+        ctx.save_for_backward(x, weight, mean, var, residual if act else None, coef)
         if not with_stats:
             return y
         ctx.mark_non_differentiable(mean, var)
@@ -555,7 +591,8 @@ class _FastTrainNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_stats: Tensor) -> Any:  # type: ignore[override]
-        return (*_train_norm_backward(ctx, grad_out), None, None, None)
+        gx, gw, gb, _eps, gres = _train_norm_backward(ctx, grad_out)
+        return gx, gw, gb, None, None, None, None, gres, None
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -652,8 +689,11 @@ def normalize_eval(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    residual: Tensor | None = None,
+    act: int = 0,
 ) -> Tensor:
-    """Normalize with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+    """Normalize with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``
+    (then ``act(... + residual)``, see :func:`apply_batch_norm`).
 
     Differentiable in ``x``, ``weight`` and ``bias`` (and in the statistics, should they
     require grad); the backward is ``grad * weight / sqrt(var + eps)``.
@@ -661,14 +701,18 @@ def normalize_eval(
     stats_grad = running_mean.requires_grad or running_var.requires_grad
     fast = None if stats_grad else _kernels.route(x)
     if fast is not None:
-        if torch.is_grad_enabled() and (
+        grad = torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
-        ):
-            y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps, fast)
-            return y
-        return fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
+            or (residual is not None and residual.requires_grad)
+        )
+        if not grad:  # inference: one pass, activation and residual included
+            return fast.forward_eval(
+                x, running_mean, running_var, weight, bias, eps=eps, residual=residual, act=act
+            )
+        y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps, fast)
+        return finish_activation(y, residual, act)
     cdt = _compute_dtype(x)
     shape = channel_shape(x)
     acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
@@ -676,7 +720,7 @@ def normalize_eval(
     scale, shift = _affine(weight, bias, invstd)
     d = x.to(cdt) - running_mean.to(cdt).view(shape)
     y = torch.addcmul(shift.to(cdt).view(shape), d, scale.to(cdt).view(shape))
-    return y.to(x.dtype)
+    return finish_activation(y.to(x.dtype), residual, act)
 
 
 # --------------------------------------------------------------- running statistics
@@ -744,23 +788,32 @@ def apply_batch_norm(
     training: bool,
     factor: float,
     eps: float,
+    residual: Tensor | None = None,
+    act: int = 0,
 ) -> Tensor:
     """:func:`batch_norm` after :func:`validate` has accepted every argument (the layers
     validate once, then call this). In training mode the given running buffers are updated
-    in place with weight ``factor`` for the new batch."""
+    in place with weight ``factor`` for the new batch.
+
+    With ``residual`` (a tensor of the input's shape, dtype and device: the caller checks)
+    and/or an activation code ``act`` (``_kernels.ACTIVATIONS``: 1 relu, 2 relu6) the
+    result is ``act(bn(input) + residual)``, in one pass over memory on the fast path and
+    with torch's ops everywhere else."""
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
                 "batch_norm: running_mean and running_var must be given in eval mode "
                 "(training=False); pass training=True to normalize with batch statistics"
             )
-        return normalize_eval(input, running_mean, running_var, weight, bias, eps)
+        return normalize_eval(input, running_mean, running_var, weight, bias, eps, residual, act)
     fast = _kernels.route_train(input, running_mean, running_var)
     if fast is not None:  # one call: statistics, output and the running-stat update
         running = None
         if running_mean is not None and running_var is not None:
             running = (running_mean, running_var, float(factor))
-        y: Tensor = _FastTrainNorm.apply(input, weight, bias, eps, fast, running, False)
+        y: Tensor = _FastTrainNorm.apply(
+            input, weight, bias, eps, fast, running, False, residual, act
+        )
         return y
     y, mean, var = normalize_train(input, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
@@ -773,6 +826,17 @@ def apply_batch_norm(
                 running_mean.copy_(new_mean)
             if running_var is not None:
                 running_var.copy_(new_var)
+    return finish_activation(y, residual, act)
+
+
+def finish_activation(y: Tensor, residual: Tensor | None, act: int) -> Tensor:
+    """``act(y + residual)`` with torch's ops (the unfused form of every fused path)."""
+    if residual is not None:
+        y = y + residual
+    if act == _kernels.ACTIVATIONS["relu"]:
+        return torch.relu(y)
+    if act == _kernels.ACTIVATIONS["relu6"]:
+        return torch.nn.functional.relu6(y)
     return y
 
 

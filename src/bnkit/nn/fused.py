@@ -1,0 +1,66 @@
+"""BatchNorm followed by an activation (and a residual add before it), in one pass.
+
+``batch_norm_act(bn, x, residual, activation)`` is exactly ``act(bn(x) + residual)`` for
+*any* BatchNorm-like module ``bn``: where ``bn`` is one of bnkit's plain
+``BatchNorm1d/2d/3d`` and the fast path runs, the add and the activation happen inside the
+normalization's output pass (forward) and the activation's derivative gates the incoming
+gradient inside its statistics pass (backward), saving whole passes over memory; anything
+else (torch's layers, SyncBatchNorm, the variants, FrozenBatchNorm, a module some helper
+put in its place, the plain backend, CUDA, a graph being captured) is computed as
+``act(bn(x) + residual)`` with torch's ops. So replacing the layer behind a fused call can
+make it slower, never different.
+
+:func:`bnkit.fuse_activations` (``bnkit.tools.fuse``) rewrites a traced model's
+``BatchNorm -> [add ->] ReLU/ReLU6`` patterns into calls of this function.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn import Module
+
+from bnkit.nn import _kernels
+from bnkit.nn import functional as F
+from bnkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+
+__all__ = ["ACTIVATIONS", "batch_norm_act"]
+
+ACTIVATIONS = ("relu", "relu6")  # what the kernels fuse (None: the residual add alone)
+_FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+def _code(activation: str | None) -> int:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"batch_norm_act: activation must be one of {ACTIVATIONS} or None, got {activation!r}"
+        )
+    return _kernels.ACTIVATIONS[activation]
+
+
+def batch_norm_act(
+    bn: Module, input: Tensor, residual: Tensor | None = None, activation: str | None = None
+) -> Tensor:
+    """``activation(bn(input) + residual)``, fused where bnkit's kernels can do it.
+
+    Args:
+        bn: the BatchNorm module (its mode, parameters, buffers and counter are used and
+            updated exactly as ``bn(input)`` would)
+        input: its input
+        residual: added to the normalized output before the activation (``None``: no
+            add); where it is not a tensor of the input's shape, dtype and device (a
+            broadcast, say) the add is torch's
+        activation: ``"relu"``, ``"relu6"`` or ``None``
+    """
+    act = _code(activation)
+    fusable = type(bn) in _FUSABLE and isinstance(input, Tensor)
+    if fusable and residual is not None:
+        fusable = (
+            isinstance(residual, Tensor)
+            and residual.shape == input.shape
+            and residual.dtype == input.dtype
+            and residual.device == input.device
+        )
+    if fusable:
+        assert isinstance(bn, BatchNormBase)
+        return bn._forward(input, residual, act)
+    return F.finish_activation(bn(input), residual, act)

@@ -1,0 +1,159 @@
+"""Fuse each BatchNorm with the activation (and residual add) that follows it.
+
+``fuse_activations(model)`` converts the model's torch BatchNorms to bnkit's (in place, as
+:func:`bnkit.convert` does), traces it with ``torch.fx`` and rewrites every
+
+    BatchNorm -> ReLU | ReLU6                    (conv blocks)
+    BatchNorm -> add(residual) -> ReLU | ReLU6   (the end of a ResNet block)
+    BatchNorm -> add(residual)                   (MobileNetV2's inverted residual)
+
+into one call of :func:`bnkit.nn.fused.batch_norm_act`, which on the fast path applies the
+add and the activation inside the normalization's own passes (forward and backward). The
+result is a ``torch.fx.GraphModule`` holding the same modules (same parameters, buffers
+and state_dict keys); it computes what the model computed, and still does if a helper
+later swaps a BatchNorm for another module (the call then falls back to torch's ops).
+
+Opt-in, because it needs a model ``torch.fx`` can trace (no data-dependent control flow)
+and returns a GraphModule rather than the model's own class, as torch's own fx fusers do.
+Left alone: a BatchNorm whose output has other users (it is needed on its own), an
+in-place add into the residual rather than into the normalized output (it mutates the
+residual), activations other than ReLU/ReLU6 (SiLU and GELU need an exp/erf the kernels do
+not vectorize; they stay torch's), and BatchNorm variants (SyncBatchNorm, Renorm, Ghost,
+Frozen), which keep their own forward.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnkit.nn import batchnorm as bnb
+from bnkit.nn.batchnorm import is_batchnorm
+from bnkit.nn.fused import batch_norm_act
+from bnkit.tools.convert import convert
+
+__all__ = ["fuse_activations", "fused_sites"]
+
+_FUSABLE = (bnb.BatchNorm1d, bnb.BatchNorm2d, bnb.BatchNorm3d)
+_ADDS = {operator.add, operator.iadd, torch.add}
+_INPLACE_ADDS = {operator.iadd}
+
+
+def _activation(node: fx.Node, modules: dict[str, nn.Module], src: fx.Node) -> str | None:
+    """ "relu"/"relu6" when ``node`` applies that activation to ``src`` (and nothing else)."""
+    if not node.args or node.args[0] is not src:
+        return None
+    extra_args = node.args[1:]
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        if extra_args or kwargs:
+            return None
+        if type(m) is nn.ReLU:
+            return "relu"
+        if type(m) is nn.ReLU6:
+            return "relu6"
+        if type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
+            return "relu6"
+        return None
+    if node.op == "call_function":
+        if node.target in (torch.relu, torch.relu_, nn.functional.relu):
+            return "relu" if not extra_args and not kwargs else None
+        if node.target is nn.functional.relu6:
+            return "relu6" if not extra_args and not kwargs else None
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu" if not extra_args and not kwargs else None
+    return None
+
+
+def _residual(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``src + other`` (a plain add, no alpha, into
+    ``src`` when it is in place), else None."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if node.op == "call_function" and node.target in _ADDS:
+        inplace = node.target in _INPLACE_ADDS
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        inplace = node.target == "add_"
+    else:
+        return None
+    other = b if a is src else (a if b is src and not inplace else None)
+    if not isinstance(other, fx.Node) or other is src:
+        return None
+    return other
+
+
+def fused_sites(gm: fx.GraphModule) -> list[str]:
+    """What :func:`fuse_activations` fused, one line per site: ``"layer1.0.bn2 + add +
+    relu"``."""
+    sites: list[str] = getattr(gm, "bnkit_fused", [])
+    return list(sites)
+
+
+def fuse_activations(
+    model: nn.Module, concrete_args: dict[str, Any] | None = None
+) -> fx.GraphModule:
+    """The model as a ``torch.fx.GraphModule`` whose BatchNorm -> [add ->] ReLU/ReLU6
+    patterns run as one fused call each (see the module's docstring). torch's BatchNorms
+    are first converted to bnkit's in place. ``concrete_args`` goes to
+    ``torch.fx.symbolic_trace``. :func:`fused_sites` lists what was fused."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_activations: expected an nn.Module, got {type(model).__name__}")
+    convert(model, to="bnkit")
+
+    class _Tracer(fx.Tracer):
+        # every BatchNorm (bnkit's too) is one call in the graph, as torch's are
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+
+    try:
+        gm = fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete_args))
+    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...)
+        raise ValueError(
+            f"fuse_activations: torch.fx cannot trace {type(model).__name__} "
+            f"({type(exc).__name__}: {exc}); fusion needs a traceable forward "
+            "(no control flow on tensor values), or use the model unfused"
+        ) from exc
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    sites: list[str] = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(str(node.target))) not in _FUSABLE:
+            continue
+        if len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        user = next(iter(node.users))
+        residual = _residual(user, node)
+        act = _activation(user, modules, node)
+        last, drop = user, [user]
+        if residual is not None:
+            act = None
+            if len(user.users) == 1:
+                after = next(iter(user.users))
+                act = _activation(after, modules, user)
+                if act is not None:
+                    last, drop = after, [after, user]
+        elif act is None:
+            continue
+        with graph.inserting_before(last):
+            bn = graph.get_attr(str(node.target))
+            fused = graph.call_function(
+                batch_norm_act,
+                args=(bn, node.args[0], residual),
+                kwargs={"activation": act},
+            )
+        last.replace_all_uses_with(fused)
+        for dead in (*drop, node):
+            graph.erase_node(dead)
+        parts = [str(node.target), *(["add"] if residual else []), *([act] if act else [])]
+        sites.append(" + ".join(parts))
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.bnkit_fused = sites  # type: ignore[assignment]
+    return gm
