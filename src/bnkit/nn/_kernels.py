@@ -43,6 +43,7 @@ __all__ = [
     "FastPath",
     "available",
     "backend",
+    "capturing",
     "get",
     "route",
     "route_train",
@@ -271,7 +272,7 @@ class FastPath:
 _fast: FastPath | None = None
 
 
-def _capturing(x: Tensor) -> bool:
+def capturing(x: Tensor) -> bool:
     """A graph is being captured: the op must be an ordinary torch op, not a C++ call.
     (The legacy ONNX exporter traces, so the tracing state covers it.)"""
     return (
@@ -300,7 +301,7 @@ def route(x: Tensor) -> FastPath | None:
     that decides."""
     if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0 or not _layout_ok(x):
         return None
-    if _capturing(x):
+    if capturing(x):
         return None
     global _fast
     mod = get()

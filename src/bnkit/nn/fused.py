@@ -52,7 +52,8 @@ def batch_norm_act(
         activation: ``"relu"``, ``"relu6"`` or ``None``
     """
     act = _code(activation)
-    fusable = type(bn) in _FUSABLE and isinstance(input, Tensor)
+    # while a graph is captured the kernels step aside anyway: record torch's ops
+    fusable = type(bn) in _FUSABLE and isinstance(input, Tensor) and not _kernels.capturing(input)
     if fusable and residual is not None:
         fusable = (
             isinstance(residual, Tensor)

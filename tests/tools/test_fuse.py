@@ -1,0 +1,174 @@
+"""bnkit.fuse_activations: which patterns it fuses, that the fused model computes what the
+model computed (outputs, gradients, running statistics, state_dict), and that torch's
+helpers and tools that replace a layer keep it correct."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+from bnkit.nn import _kernels
+from bnkit.testing import random_input
+from tests.models import SmallResNet
+
+
+class Patterns(nn.Module):
+    """Every pattern the pass knows, and some it must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn_module = nn.BatchNorm2d(6)  # -> shared nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)
+        self.bn_add = nn.BatchNorm2d(6)  # -> out += x; relu (module reused)
+        self.bn_fn = nn.BatchNorm2d(6)  # -> F.relu6
+        self.bn_method = nn.BatchNorm2d(6)  # -> .relu_()
+        self.bn_plain_add = nn.BatchNorm2d(6)  # -> x + bn(...) (no activation)
+        self.bn_hardtanh = nn.BatchNorm2d(6)  # -> Hardtanh(0, 6): relu6
+        self.ht = nn.Hardtanh(0.0, 6.0)
+        self.bn_two_users = nn.BatchNorm2d(6)  # used twice: left alone
+        self.bn_into_residual = nn.BatchNorm2d(6)  # r.add_(bn(x)): mutates r, left alone
+        self.bn_silu = nn.BatchNorm2d(6)  # SiLU: not fused
+        self.silu = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.bn_module(self.conv(x)))
+        out = self.bn_add(a)
+        out += a
+        b = self.relu(out)
+        c = nn.functional.relu6(self.bn_fn(b))
+        d = self.bn_method(c).relu_()
+        e = d + self.bn_plain_add(d)
+        f = self.ht(self.bn_hardtanh(e))
+        g = self.bn_two_users(f)
+        h = torch.relu(g) * g
+        r = h * 0.5
+        r.add_(self.bn_into_residual(h))
+        return self.silu(self.bn_silu(r)) + r
+
+
+EXPECTED = [
+    "bn_module + relu",
+    "bn_add + add + relu",
+    "bn_fn + relu6",
+    "bn_method + relu",
+    "bn_plain_add + add",
+    "bn_hardtanh + relu6",
+]
+
+
+def _pair(model: nn.Module) -> tuple[nn.Module, torch.fx.GraphModule]:
+    torch.manual_seed(0)
+    for m in model.modules():  # statistics that are not the defaults
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    unfused = bnkit.convert(copy.deepcopy(model), to="bnkit")
+    return unfused, bnkit.fuse_activations(copy.deepcopy(model))
+
+
+def test_fuses_the_known_patterns_and_only_those() -> None:
+    _, gm = _pair(Patterns())
+    assert bnkit.fused_sites(gm) == EXPECTED
+    code = gm.code
+    assert code.count("bnkit_nn_fused_batch_norm_act(") == len(EXPECTED)
+    for name in ("bn_two_users", "bn_into_residual", "bn_silu"):
+        assert f"self.{name}(" in code, name
+
+
+@pytest.mark.parametrize("backend", ["plain", "cpp"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_model_computes_what_the_model_computed(
+    backend: str, channels_last: bool, training: bool
+) -> None:
+    if backend == "cpp" and not _kernels.available():
+        pytest.skip("no C++ fast path here")
+    before = _kernels.backend()
+    _kernels.set_backend(backend)
+    try:
+        for model, shape in ((Patterns(), (4, 3, 8, 8)), (SmallResNet(), (8, 1, 16, 16))):
+            unfused, fused = _pair(model)
+            unfused.train(training)
+            fused.train(training)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            unfused, fused = unfused.to(memory_format=fmt), fused.to(memory_format=fmt)
+            x = random_input(shape, torch.float32, 1, channels_last)
+            for _ in range(2):  # two steps: the running statistics move twice
+                xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+                ya, yb = unfused(xs[0]), fused(xs[1])
+                torch.testing.assert_close(yb, ya, rtol=1e-6, atol=1e-6)
+                go = random_input(ya.shape, torch.float32, 2)
+                (ya * go).sum().backward()
+                (yb * go).sum().backward()
+                torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
+                pa, pb = dict(unfused.named_parameters()), dict(fused.named_parameters())
+                assert pa.keys() == pb.keys()
+                for k in pa:
+                    torch.testing.assert_close(pb[k].grad, pa[k].grad, rtol=1e-4, atol=1e-5)
+            sa, sb = unfused.state_dict(), fused.state_dict()
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-7)
+    finally:
+        _kernels.set_backend(before)
+
+
+def test_torch_helpers_see_the_same_layers() -> None:
+    """swa_utils.update_bn recomputes the fused model's statistics as the model's; a layer
+    replaced by torch's own (convert to="torch") is still called, unfused, correctly."""
+    unfused, fused = _pair(SmallResNet())
+    loader = [random_input((8, 1, 16, 16), torch.float32, s) for s in range(3)]
+    torch.optim.swa_utils.update_bn(loader, unfused)
+    torch.optim.swa_utils.update_bn(loader, fused)
+    for k, v in unfused.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    x = random_input((4, 1, 16, 16), torch.float32, 9)
+    unfused.eval(), fused.eval()
+    expected = unfused(x)
+    bnkit.convert(fused, to="torch")
+    assert not any(isinstance(m, bnkit.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_trace_of_the_fused_model_records_torch_ops() -> None:
+    _, fused = _pair(SmallResNet())
+    fused.eval()
+    x = random_input((4, 1, 16, 16), torch.float32, 3)
+    traced = torch.jit.trace(fused, x)
+    assert "aten::batch_norm" in str(traced.inlined_graph)
+    y = random_input((2, 1, 16, 16), torch.float32, 4)
+    torch.testing.assert_close(traced(y), fused(y), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_fx_traces_bnkit_layers_as_it_traces_torchs() -> None:
+    """fx's default tracer goes into bnkit's layers (only torch's own are leaves): the
+    graph holds torch's batch_norm and counts batches as the layer does."""
+    model = bnkit.convert(SmallResNet(), to="bnkit")
+    gm = torch.fx.symbolic_trace(model)
+    x = random_input((8, 1, 16, 16), torch.float32, 5)
+    expected = copy.deepcopy(model)(x)
+    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+    assert int(model.stem[1].num_batches_tracked) == 1
+
+
+def test_untraceable_model_is_a_clear_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.bn(x)) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="torch.fx cannot trace Branchy"):
+        bnkit.fuse_activations(Branchy())
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        bnkit.fuse_activations("model")  # type: ignore[arg-type]
