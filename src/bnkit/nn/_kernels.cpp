@@ -425,12 +425,75 @@ struct Gate {
   }
 };
 
+// Few channels (channels_last with C = 16..64, say): the vector loops of a row would run
+// over a handful of values and pay their per-row cost (loop set-up, a Writer call, the
+// accumulators' read-modify-write) every few values. So f consecutive rows are taken as
+// one row of W = f * C values with the per-channel scalars repeated f times (value j is
+// channel j % C), W about 256; the rows left over (fewer than f) go as they are.
+int64_t tile_rows(const Layout& lo) {
+  if (!lo.fastest || lo.C <= 0 || lo.C >= 128) return 1;
+  const int64_t f = std::max<int64_t>(1, 256 / lo.C);
+  return lo.R >= 2 * f ? f : 1;
+}
+
+// The layout of R rows of C values (channels-fastest).
+Layout rows_layout(int64_t R, int64_t C) {
+  Layout l{};
+  l.fastest = true;
+  l.N = R;
+  l.L = 1;
+  l.R = R;
+  l.C = C;
+  return l;
+}
+
+template <typename T>
+KArrays<T> tiled(const KArrays<T>& ka, int64_t f) {
+  const int64_t C = static_cast<int64_t>(ka.s.size());
+  KArrays<T> t(C * f);
+  auto rep = [&](const std::vector<T>& a, std::vector<T>& b) {
+    for (int64_t j = 0; j < f; ++j) std::copy(a.begin(), a.end(), b.begin() + j * C);
+  };
+  rep(ka.s, t.s), rep(ka.kx, t.kx), rep(ka.ko, t.ko), rep(ka.k0, t.k0);
+  rep(ka.fs, t.fs), rep(ka.fa, t.fa), rep(ka.fk, t.fk);
+  return t;
+}
+
+template <typename T>
+Ptrs<T> rows_from(const Ptrs<T>& p, int64_t offset) {
+  Ptrs<T> q = p;
+  q.x += offset;
+  if (q.go) q.go += offset;
+  if (q.r) q.r += offset;
+  if (q.out) q.out += offset;
+  if (q.out2) q.out2 += offset;
+  return q;
+}
+
 // Per-channel (sum u, sum v) of the Op over a channels-fastest (R, C) input. (NCHW sums
 // are taken per block in nchw_fused.)
 template <typename T, typename O>
 void row_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
               double* sum2) {
   const int64_t C = lo.C;
+  if (const int64_t f = tile_rows(lo); f > 1) {
+    const int64_t Rt = lo.R / f, W = f * C, done = Rt * f;
+    std::vector<double> t1(W), t2(W), r1(C, 0.0), r2(C, 0.0);
+    row_sums<T, O>(p, rows_layout(Rt, W), tiled(ka, f), t1.data(), t2.data());
+    if (done < lo.R)
+      row_sums<T, O>(rows_from(p, done * C), rows_layout(lo.R - done, C), ka, r1.data(),
+                     r2.data());
+    for (int64_t c = 0; c < C; ++c) {
+      double a1 = r1[c], a2 = r2[c];
+      for (int64_t j = 0; j < f; ++j) {
+        a1 += t1[j * C + c];
+        a2 += t2[j * C + c];
+      }
+      sum1[c] = a1;
+      sum2[c] = a2;
+    }
+    return;
+  }
   // Rows split across threads, each streaming its rows once with per-channel
   // accumulators in the input type (L1-resident, vectorised over C), flushed to
   // per-thread float64 partials every kChunk rows at most; partials merged at the end.
@@ -594,6 +657,13 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
       w.finish();
       if (O::kSecond) w2.finish();
     });
+    return;
+  }
+  if (const int64_t f = tile_rows(lo); f > 1) {  // as in row_sums
+    const int64_t Rt = lo.R / f, done = Rt * f;
+    channel_map<T, O>(p, rows_layout(Rt, f * C), tiled(ka, f), reverse);
+    if (done < lo.R)
+      channel_map<T, O>(rows_from(p, done * C), rows_layout(lo.R - done, C), ka, reverse);
     return;
   }
   // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
