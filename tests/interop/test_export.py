@@ -99,8 +99,16 @@ def _onnx_bytes(model: nn.Module, dynamo: bool, tmp: Path) -> bytes:
             prog.save(str(tmp / "m.onnx"))
             return (tmp / "m.onnx").read_bytes()
         f = io.BytesIO()
+        # output_names: with dynamic_axes and no output names, the legacy exporter reads
+        # model.graph.outputs(), which an fx GraphModule (any, torch's fusers' too) lacks
         torch.onnx.export(
-            model, (X,), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
+            model,
+            (X,),
+            f,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}},
         )
         return f.getvalue()
 
@@ -118,3 +126,23 @@ def test_onnx_runs_in_onnxruntime_like_torch(dynamo: bool, tmp_path: Path) -> No
         np.testing.assert_allclose(out, ref(X_OTHER).detach().numpy(), rtol=1e-4, atol=1e-5)
         graphs[name] = sorted(n.op_type for n in g.graph.node)
     assert graphs["bnkit"] == graphs["torch"]  # as lean as torch's: same ops, same count
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_fused_model_exports_like_the_model(dynamo: bool, tmp_path: Path) -> None:
+    """A fuse_activations model records torch's BatchNorm, add and ReLU while a graph is
+    captured (torch.export, both ONNX exporters): the same ops and outputs as torch's
+    model, and torch.compile trains it."""
+    ref, ours = trained_pair()
+    fused = bnkit.fuse_activations(copy.deepcopy(ours)).eval()
+    assert bnkit.fused_sites(fused), "the test model must have something to fuse"
+    ep = torch.export.export(fused, (X,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.testing.assert_close(ep.module()(X_OTHER), ref(X_OTHER))
+    graphs = {}
+    for name, model in (("torch", ref), ("fused", fused)):
+        data = _onnx_bytes(model, dynamo, tmp_path)
+        sess = ort.InferenceSession(data)
+        out = sess.run(None, {sess.get_inputs()[0].name: X_OTHER.numpy()})[0]
+        np.testing.assert_allclose(out, ref(X_OTHER).detach().numpy(), rtol=1e-4, atol=1e-5)
+        graphs[name] = sorted(n.op_type for n in onnx.load_from_string(data).graph.node)
+    assert graphs["fused"] == graphs["torch"]

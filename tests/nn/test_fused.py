@@ -242,3 +242,29 @@ def test_kernels_check_their_fused_arguments() -> None:
     for call in bad_calls:
         with pytest.raises(RuntimeError):
             call()
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("res_grad", [True, False])
+def test_gradients_asked_for_only_where_needed(x_grad: bool, res_grad: bool) -> None:
+    """Any subset of (input, residual) needing a gradient, the residual in the other
+    memory format: the gradients that exist are torch's unfused ones."""
+    x = random_input((6, 5, 7, 7), torch.float32, 11, channels_last=True)
+    r = random_input((6, 5, 7, 7), torch.float32, 12)  # contiguous while x is not
+    go = random_input((6, 5, 7, 7), torch.float32, 13)
+    ours = _layer(5, 4, torch.float32)
+    ref = torch.nn.BatchNorm2d(5)
+    ref.load_state_dict(ours.state_dict())
+    ins = []
+    for _ in range(2):
+        ins.append((x.clone().requires_grad_(x_grad), r.clone().requires_grad_(res_grad)))
+    y = batch_norm_act(ours, *ins[0], "relu")
+    y_ref = torch.relu(ref(ins[1][0]) + ins[1][1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (y * go).sum().backward()
+    (y_ref * go).sum().backward()
+    for a, b in zip(ins[0], ins[1], strict=True):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-3, atol=1e-4)
