@@ -41,20 +41,23 @@ def _step(fn, x, r, go):  # type: ignore[no-untyped-def]
     return run
 
 
-def _kinds(ref: torch.nn.Module, ours: torch.nn.Module):  # type: ignore[no-untyped-def]
+ACTS = {"relu": torch.relu_, "relu6": torch.nn.functional.relu6}
+
+
+def _kinds(ref: torch.nn.Module, ours: torch.nn.Module, act: str):  # type: ignore[no-untyped-def]
     """The pattern with torch's layer, with bnkit's layer unfused, and fused."""
 
     def unfused(bn):  # type: ignore[no-untyped-def]
         def fn(xi, ri):  # type: ignore[no-untyped-def]
             y = bn(xi)
-            return torch.relu_(y + ri if ri is not None else y)
+            return ACTS[act](y + ri if ri is not None else y)
 
         return fn
 
     return {
         "torch": unfused(ref),
         "bnkit": unfused(ours),
-        "fused": lambda xi, ri: batch_norm_act(ours, xi, ri, "relu"),
+        "fused": lambda xi, ri: batch_norm_act(ours, xi, ri, act),
     }
 
 
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
+    ap.add_argument("--act", choices=list(ACTS), default="relu", help="the activation")
     args = ap.parse_args()
     if args.allocator != "default":
         _preload(args.allocator)
@@ -86,8 +90,9 @@ def main() -> None:
             c = shape[1]
             ref = torch.nn.BatchNorm2d(c)
             ours = bnkit.BatchNorm2d(c)
-            for pattern, res in (("bn+relu", None), ("bn+add+relu", r)):
-                steps = {k: _step(fn, x, res, go) for k, fn in _kinds(ref, ours).items()}
+            patterns = ((f"bn+{args.act}", None), (f"bn+add+{args.act}", r))
+            for pattern, res in patterns:
+                steps = {k: _step(fn, x, res, go) for k, fn in _kinds(ref, ours, args.act).items()}
                 t = interleaved_times(steps, repeats=args.repeats, warmup=3)
                 med = {k: statistics.median(v) for k, v in t.items()}
                 ratio = {
@@ -101,7 +106,8 @@ def main() -> None:
                     y_ref, _, _ = reference_train(x, ours.weight, ours.bias, ours.eps)
                     if res is not None:
                         y_ref = y_ref + res.double()
-                    err = (batch_norm_act(ours, x, res, "relu").double() - y_ref.relu()).abs()
+                    got = batch_norm_act(ours, x, res, args.act).double()
+                    err = (got - ACTS[args.act](y_ref)).abs()
                 fmt = "channels_last" if cl else "contiguous"
                 print(
                     f"{shape!s:<19} {fmt:<14} {pattern:<14} {med['torch'] * 1e3:9.2f} "

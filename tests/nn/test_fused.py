@@ -17,7 +17,11 @@ from bnkit.nn import _kernels
 from bnkit.nn.fused import batch_norm_act
 from bnkit.testing import random_input, reference_running, reference_train
 
-ACTS = {None: lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6}
+ACTS = {
+    None: lambda t: t,
+    "relu": torch.relu,
+    "relu6": torch.nn.functional.relu6,
+}
 EXAMPLES = int(os.environ.get("BNKIT_HYPOTHESIS_EXAMPLES", "30"))
 
 
@@ -196,6 +200,28 @@ def test_anything_else_is_act_of_bn_plus_residual() -> None:
             y = batch_norm_act(a, x, res, "relu")
             expected = torch.relu(b(x) + (res if res is not None else 0))
             torch.testing.assert_close(y, expected.to(y.dtype), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("training", [True, False])
+def test_bit_identical_to_the_unfused_layer(
+    channels_last: bool, act: str | None, training: bool
+) -> None:
+    """relu/relu6/add: the same bits as bnkit's layer followed by torch's add and
+    activation, output and input gradient (the gate is the forward's own pre-activation)."""
+    x = random_input((6, 20, 7, 7), torch.float32, 21, channels_last)
+    r = random_input((6, 20, 7, 7), torch.float32, 22, channels_last)
+    go = random_input((6, 20, 7, 7), torch.float32, 23, channels_last)
+    a = _layer(20, 4, torch.float32).train(training)
+    b = copy.deepcopy(a)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = batch_norm_act(a, xa, r, act)
+    yb = ACTS[act](b(xb) + r)
+    assert torch.equal(ya, yb)
+    ya.backward(go)
+    yb.backward(go)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_activation_is_named() -> None:

@@ -111,8 +111,12 @@ def test_fused_model_computes_what_the_model_computed(
                 torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
                 pa, pb = dict(unfused.named_parameters()), dict(fused.named_parameters())
                 assert pa.keys() == pb.keys()
+                # sums over the batch; some are 0 in theory (a BatchNorm follows in
+                # training mode) and come out as rounding noise in both models: the
+                # tolerance is float32's, relative to the model's largest gradient
+                big = max(p.grad.abs().max().item() for p in pa.values())
                 for k in pa:
-                    torch.testing.assert_close(pb[k].grad, pa[k].grad, rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(pb[k].grad, pa[k].grad, rtol=1e-4, atol=1e-6 * big)
             sa, sb = unfused.state_dict(), fused.state_dict()
             assert sa.keys() == sb.keys()
             for k in sa:

@@ -528,24 +528,23 @@ def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         if need_res and gres is None:
             gres = grad_out  # no activation: the add passes the gradient on unchanged
         return (*keep, None, gres if need_res else None)
-    if act:
-        grad_out = gate_activation(grad_out, x, coef, residual, act)
     invstd = inv_std(var, ctx.eps)
+    if act:  # (only the fast path's Function fuses: here a graph is being built)
+        shape = channel_shape(x)
+        scale, shift = _affine(weight, ctx.bias if ctx.has_bias else None, invstd)
+        pre = (x - mean.view(shape)) * scale.view(shape) + shift.view(shape)
+        if residual is not None:
+            pre = pre + residual
+        grad_out = gate_activation(grad_out, pre, act)
     gx, gw, gb = train_backward(grad_out, x, weight, mean, invstd, needs)
     return gx, gw, gb, None, (grad_out if need_res else None)
 
 
-def gate_activation(
-    grad_out: Tensor, x: Tensor, coef: Tensor, residual: Tensor | None, act: int
-) -> Tensor:
-    """``grad_out`` times the activation's derivative at the fused forward's
-    pre-activation ``(x - s) * a + k [+ residual]`` (``coef`` rows s, a, k), with torch
-    ops (differentiable in ``grad_out``: the double-backward path)."""
-    shape = channel_shape(x)
-    s, a, k = (c.to(x.dtype).view(shape) for c in coef)
-    pre = (x - s) * a + k
-    if residual is not None:
-        pre = pre + residual.to(x.dtype)
+def gate_activation(grad_out: Tensor, pre: Tensor, act: int) -> Tensor:
+    """``grad_out`` times the activation's derivative at the pre-activation ``pre``, with
+    torch ops (the double-backward path of the fused Function; ``pre`` is recomputed
+    differentiably from x, so an activation whose derivative is not piecewise constant
+    would be differentiated correctly too)."""
     dead = pre <= 0 if act == _kernels.ACTIVATIONS["relu"] else (pre <= 0) | (pre >= 6)
     return torch.where(dead, torch.zeros_like(grad_out), grad_out)
 
@@ -583,6 +582,7 @@ class _FastTrainNorm(torch.autograd.Function):
         if act or residual is not None:
             ctx.act = act
             ctx.needs_residual_grad = residual is not None and residual.requires_grad
+            ctx.bias = bias  # the double backward recomputes the pre-activation
         ctx.save_for_backward(x, weight, mean, var, residual if act else None, coef)
         if not with_stats:
             return y
