@@ -18,6 +18,7 @@ from torch import nn
 
 import bnkit
 from bnkit.nn import _kernels
+from bnkit.nn.fused import batch_norm_act
 
 counts: Counter[str] = Counter()
 failures: list[str] = []
@@ -26,6 +27,8 @@ KINDS = ["bn", "renorm", "ghost", "sync", "frozen", "functional"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 TENSORS = ["running_mean", "running_var", "weight", "bias"]
 DEFECTS = ["none", "size", "dtype", "device", "strided", "nan"]
+ACTS = {None: lambda t: t, "relu": torch.relu, "relu6": nn.functional.relu6}
+RESIDUALS = ["none", "same", "broadcast", "other_dtype", "other_layout"]
 
 
 def torch_bn(rank: int, c: int) -> nn.Module:
@@ -103,6 +106,8 @@ def cases(draw: Any) -> dict[str, Any]:
         "tensor": draw(st.sampled_from(TENSORS)),
         "defect": draw(st.sampled_from(DEFECTS)),
         "seed": draw(st.integers(0, 2**16)),
+        "act": draw(st.sampled_from(list(ACTS))),
+        "residual": draw(st.sampled_from(RESIDUALS)),
     }
 
 
@@ -128,6 +133,27 @@ def make_input(case: dict[str, Any]) -> torch.Tensor:
     elif case["layout"] == "transposed" and x.dim() >= 3:
         x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     return x
+
+
+def make_residual(case: dict[str, Any], x: torch.Tensor) -> torch.Tensor | None:
+    """What the fused call adds before its activation: nothing, a tensor like x, or one it
+    cannot take (a broadcast, another dtype, another memory format)."""
+    kind = case["residual"]
+    if kind == "none" or not x.is_floating_point():
+        return None
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    r = torch.randn(x.shape, generator=g).to(x.dtype)
+    if kind == "same" and x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        r = r.contiguous(memory_format=fmt)
+    elif kind == "broadcast" and x.dim() >= 2:
+        r = r[:1]
+    elif kind == "other_dtype":
+        r = r.to(torch.float64 if x.dtype != torch.float64 else torch.float32)
+    elif kind == "other_layout" and x.dim() == 4:
+        fmt = torch.channels_last if x.is_contiguous() else torch.contiguous_format
+        r = r.contiguous(memory_format=fmt)
+    return r
 
 
 def run(fn: Any) -> tuple[Any, BaseException | None]:
@@ -169,6 +195,11 @@ def fuzz(case: dict[str, Any]) -> None:
         args = lambda m: (m.running_mean, m.running_var, m.weight, m.bias, training, 0.1, 1e-5)  # noqa: E731
         y_ref, e_ref = run(lambda: torch.nn.functional.batch_norm(x, *args(ref)))
         y, e = run(lambda: bnkit.functional.batch_norm(x, *args(ours)))
+    elif case["act"] is not None or case["residual"] != "none":
+        # the fused call: activation(bn(x) + residual), against torch's ops
+        r, act = make_residual(case, x), case["act"]
+        y_ref, e_ref = run(lambda: ACTS[act](ref(x) + (r if r is not None else 0)))
+        y, e = run(lambda: batch_norm_act(ours, x, r, act))
     else:
         y_ref, e_ref = run(lambda: ref(x))
         y, e = run(lambda: ours(x))
