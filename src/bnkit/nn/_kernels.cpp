@@ -38,7 +38,7 @@ namespace {
 constexpr int64_t kChunk = 256;      // values summed in the input type before a flush
 constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fraction of a std of the mean
 
-// A kernel whose tensors (inputs and output together) take at least the last-level cache
+// A kernel whose tensors (inputs and output together) take more than the last-level cache
 // (8 MiB at least) writes its output with non-temporal stores: the output would not stay
 // in cache anyway, and a normal store first reads every output line from memory
 // (read-for-ownership), a third more traffic for a kernel that is bound by it (see
@@ -396,7 +396,7 @@ struct Op {
     }
   }
   static bool streams(int64_t numel) {
-    return numel * static_cast<int64_t>(sizeof(T)) * (inputs + outputs) >= stream_bytes();
+    return numel * static_cast<int64_t>(sizeof(T)) * (inputs + outputs) > stream_bytes();
   }
 };
 
@@ -435,7 +435,7 @@ struct Gate {
 // 0.86 ms, (32, 64, 56, 56) eval), so those stay as they are.
 int64_t tile_rows(const Layout& lo, int64_t value_bytes) {
   if (!lo.fastest || lo.C <= 0 || lo.C >= 128) return 1;
-  if (lo.C > 32 && lo.R * lo.C * value_bytes * 2 >= stream_bytes()) return 1;
+  if (lo.C > 32 && lo.R * lo.C * value_bytes * 2 > stream_bytes()) return 1;
   const int64_t f = std::max<int64_t>(1, 256 / lo.C);
   return lo.R >= 2 * f ? f : 1;
 }
