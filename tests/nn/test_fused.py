@@ -294,3 +294,23 @@ def test_gradients_asked_for_only_where_needed(x_grad: bool, res_grad: bool) -> 
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_fused_call_is_torchs_ops(training: bool) -> None:
+    """On CUDA the fused call is act(bn(x) + residual) on the plain path (the C++ kernels
+    are CPU-only and never see a device tensor), equal to torch's cuDNN layers."""
+    x = random_input((4, 3, 5, 5), torch.float32, 31).cuda().requires_grad_()
+    r = random_input((4, 3, 5, 5), torch.float32, 32).cuda()
+    ours = _layer(3, 4, torch.float32).cuda().train(training)
+    ref = torch.nn.BatchNorm2d(3).cuda().train(training)
+    ref.load_state_dict(ours.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    y = batch_norm_act(ours, x, r, "relu")
+    y_ref = torch.relu(ref(x2) + r)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
