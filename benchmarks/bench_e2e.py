@@ -190,7 +190,7 @@ def main() -> None:
             torch.manual_seed(0)
             ref = make()
             ours = bnkit.convert(copy.deepcopy(ref), to="bnkit")
-            fused = bnkit.fuse_activations(copy.deepcopy(ref))
+            fused = bnkit.fuse_activations(copy.deepcopy(ref), x[:2])
             xi = x
             if fmt == "channels_last":
                 ref = ref.to(memory_format=torch.channels_last)

@@ -134,7 +134,7 @@ def test_fused_model_exports_like_the_model(dynamo: bool, tmp_path: Path) -> Non
     captured (torch.export, both ONNX exporters): the same ops and outputs as torch's
     model, and torch.compile trains it."""
     ref, ours = trained_pair()
-    fused = bnkit.fuse_activations(copy.deepcopy(ours)).eval()
+    fused = bnkit.fuse_activations(copy.deepcopy(ours), X).eval()
     assert bnkit.fused_sites(fused), "the test model must have something to fuse"
     ep = torch.export.export(fused, (X,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.testing.assert_close(ep.module()(X_OTHER), ref(X_OTHER))

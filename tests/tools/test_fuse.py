@@ -51,6 +51,8 @@ class Patterns(nn.Module):
         return self.silu(self.bn_silu(r)) + r
 
 
+_SHAPES = {Patterns: (4, 3, 8, 8), SmallResNet: (8, 1, 16, 16)}
+
 EXPECTED = [
     "bn_module + relu",
     "bn_add + add + relu",
@@ -62,6 +64,7 @@ EXPECTED = [
 
 
 def _pair(model: nn.Module) -> tuple[nn.Module, torch.fx.GraphModule]:
+    """The model converted to bnkit's layers, and fused (checked on an example input)."""
     torch.manual_seed(0)
     for m in model.modules():  # statistics that are not the defaults
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -71,7 +74,8 @@ def _pair(model: nn.Module) -> tuple[nn.Module, torch.fx.GraphModule]:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     unfused = bnkit.convert(copy.deepcopy(model), to="bnkit")
-    return unfused, bnkit.fuse_activations(copy.deepcopy(model))
+    example = random_input(_SHAPES[type(model)], torch.float32, 99)
+    return unfused, bnkit.fuse_activations(copy.deepcopy(model), example)
 
 
 def test_fuses_the_known_patterns_and_only_those() -> None:
@@ -173,6 +177,49 @@ def test_untraceable_model_is_a_clear_error() -> None:
             return torch.relu(self.bn(x)) if x.sum() > 0 else x
 
     with pytest.raises(ValueError, match="torch.fx cannot trace Branchy"):
-        bnkit.fuse_activations(Branchy())
+        bnkit.fuse_activations(Branchy(), torch.randn(2, 2, 3, 3))
     with pytest.raises(TypeError, match="expected an nn.Module"):
-        bnkit.fuse_activations("model")  # type: ignore[arg-type]
+        bnkit.fuse_activations("model", torch.randn(2, 2))  # type: ignore[arg-type]
+
+
+def test_a_trace_that_is_not_the_model_is_refused() -> None:
+    """torch.fx traces a shape-dependent branch as whatever the tracer saw: the graph is
+    then another function. The example input shows it, and the user is told, instead of
+    getting a GraphModule that fails or differs later."""
+
+    class ShapeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn(x))
+            # torch.jit.is_tracing/scripting-style checks read False under fx: a Proxy is
+            # not a Tensor, so fx keeps the other branch
+            return y * 2 if isinstance(x, torch.Tensor) else y
+
+    with pytest.raises(ValueError, match=r"trace of ShapeBranch is not the model.*differs"):
+        bnkit.fuse_activations(ShapeBranch(), random_input((4, 2, 3, 3), torch.float32, 1))
+
+
+def test_random_layers_are_not_taken_for_an_unfaithful_trace() -> None:
+    """Dropout in training mode: the check runs model and graph from one random state."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))
+    fused = bnkit.fuse_activations(model.train(), random_input((4, 2, 6, 6), torch.float32, 2))
+    assert bnkit.fused_sites(fused) == ["1 + relu"]
+
+
+def test_a_graph_true_in_one_mode_only_is_named() -> None:
+    class ModeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn(x))
+            return y * 2 if self.training else y
+
+    x = random_input((4, 2, 3, 3), torch.float32, 3)
+    with pytest.warns(UserWarning, match="computes the model in training mode only"):
+        fused = bnkit.fuse_activations(ModeBranch().train(), x)
+    assert bnkit.fused_sites(fused) == ["bn + relu"]

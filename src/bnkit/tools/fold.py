@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
+from bnkit.tools import _fx
 from bnkit.tools.convert import is_batchnorm
 
 __all__ = ["FoldReport", "FoldedLayer", "bn_affine", "fold", "fold_pair"]
@@ -182,16 +182,11 @@ def _bn_reason(bn: Any) -> str | None:
 def _fold_traced(
     model: nn.Module, report: FoldReport, call: _Call | None, prefix: str, ctx: _Context
 ) -> nn.Module:
-    from torch.fx import GraphModule, Tracer
     from torch.fx.passes.shape_prop import ShapeProp
 
-    class _Tracer(Tracer):
-        # BatchNorms and the layers they fold into are leaves (subclasses too: their
-        # forward may pad or reshape, but they own one weight and bias to fold into)
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_batchnorm(m) or isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
-
-    gm = GraphModule(model, _Tracer().trace(model))
+    # the layers BatchNorms fold into are leaves too (subclasses as well: their forward
+    # may pad or reshape, but they own one weight and bias to fold into)
+    gm = _fx.trace(model, leaf=lambda m: isinstance(m, _LAYERS))
     if call is not None:
         # shapes unknown when this fails: the Linear folds that need them are refused
         with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
@@ -326,35 +321,6 @@ class _Context:
         return None
 
 
-class _UnfaithfulTrace(RuntimeError):
-    pass
-
-
-def _check_same(module: nn.Module, folded: nn.Module, call: _Call) -> None:
-    """The folded trace must compute what the module does on the call it saw: a trace
-    can silently drop control flow it cannot see (``torch.jit.isinstance`` on a proxy is
-    False, say), and such a graph is not the module."""
-    # on copies: a train-mode BatchNorm inside would update its statistics
-    want = _flat(copy.deepcopy(module)(*call.args))
-    with contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing line itself
-        got = _flat(copy.deepcopy(folded)(*call.args))
-    if len(want) != len(got):
-        raise _UnfaithfulTrace("the traced graph returns other outputs than the module")
-    for a, b in zip(want, got, strict=True):
-        if a.shape != b.shape:
-            raise _UnfaithfulTrace(
-                f"the traced graph gives shape {tuple(b.shape)}, not {tuple(a.shape)}"
-            )
-        err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-        scale = a.double().abs().max().item() if a.numel() else 0.0
-        tol = 1e-9 if a.dtype == torch.float64 else 1e-4
-        if not err <= tol * max(scale, 1.0):
-            raise _UnfaithfulTrace(
-                f"the traced graph, folded, differs from the module by {err:.2g} on the "
-                "example (control flow the tracer does not see)"
-            )
-
-
 def _record_calls(model: nn.Module, example: tuple[Any, ...]) -> dict[str, _Call]:
     calls: dict[str, _Call] = {}
     handles = []
@@ -380,7 +346,7 @@ def _fold_recursive(module: nn.Module, prefix: str, report: FoldReport, ctx: _Co
         try:
             # on a copy: if the trace turns out not to be the module, nothing was touched
             folded = _fold_traced(copy.deepcopy(module), part, call, prefix, ctx)
-            _check_same(module, folded, call)
+            _fx.check_same(module, folded, call.args, "folded")
         except Exception as exc:  # fx cannot trace it (or not faithfully): look inside
             if report.trace_error is None:
                 report.trace_error = f"{prefix or 'the model'}: {type(exc).__name__}: {exc}"
@@ -424,20 +390,8 @@ def _fold_recursive(module: nn.Module, prefix: str, report: FoldReport, ctx: _Co
     return module
 
 
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
 def _outputs(model: nn.Module, example: tuple[Any, ...]) -> list[Tensor]:
-    return _flat(model(*example))
-
-
-def _flat(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [o for o in out if isinstance(o, Tensor)] if isinstance(out, Sequence) else []
+    return _fx.flat(model(*example))
 
 
 @torch.no_grad()
@@ -456,7 +410,7 @@ def fold(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldReport]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: expected a torch.nn.Module, got {type(model).__name__}")
-    example = _as_tuple(example_inputs)
+    example = _fx.as_tuple(example_inputs)
     try:
         # on a copy: a train-mode BatchNorm in the model would update its statistics
         ref = _outputs(copy.deepcopy(model), example)

@@ -1,7 +1,8 @@
 """Fuse each BatchNorm with the activation (and residual add) that follows it.
 
-``fuse_activations(model)`` converts the model's torch BatchNorms to bnkit's (in place, as
-:func:`bnkit.convert` does), traces it with ``torch.fx`` and rewrites every
+``fuse_activations(model, example_inputs)`` converts the model's torch BatchNorms to
+bnkit's (in place, as :func:`bnkit.convert` does), traces it with ``torch.fx`` and rewrites
+every
 
     BatchNorm -> ReLU | ReLU6                    (conv blocks)
     BatchNorm -> add(residual) -> ReLU | ReLU6   (the end of a ResNet block)
@@ -25,15 +26,17 @@ which keep their own forward.
 
 from __future__ import annotations
 
+import copy
 import operator
+import warnings
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from bnkit.nn import batchnorm as bnb
-from bnkit.nn.batchnorm import is_batchnorm
 from bnkit.nn.fused import batch_norm_act
+from bnkit.tools import _fx
 from bnkit.tools.convert import convert
 
 __all__ = ["fuse_activations", "fused_sites"]
@@ -97,26 +100,25 @@ def fused_sites(gm: fx.GraphModule) -> list[str]:
 
 
 def fuse_activations(
-    model: nn.Module, concrete_args: dict[str, Any] | None = None
+    model: nn.Module, example_inputs: Any, concrete_args: dict[str, Any] | None = None
 ) -> fx.GraphModule:
     """The model as a ``torch.fx.GraphModule`` whose BatchNorm -> [add ->] ReLU/ReLU6
     patterns run as one fused call each (see the module's docstring). torch's BatchNorms
-    are first converted to bnkit's in place. ``concrete_args`` goes to
-    ``torch.fx.symbolic_trace``. :func:`fused_sites` lists what was fused."""
+    are first converted to bnkit's in place. ``example_inputs`` (a tensor or a tuple of
+    positional inputs, as for :func:`bnkit.fold`) is run through the model and the fused
+    graph (on copies: no statistics move) to check that the trace is the model: torch.fx
+    can trace a model it does not see whole (shape-dependent branches, say) into a graph
+    that computes something else. ``concrete_args`` goes to ``torch.fx.symbolic_trace``.
+    :func:`fused_sites` lists what was fused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_activations: expected an nn.Module, got {type(model).__name__}")
     convert(model, to="bnkit")
-
-    class _Tracer(fx.Tracer):
-        # every BatchNorm (bnkit's too) is one call in the graph, as torch's are
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_batchnorm(m) or super().is_leaf_module(m, qualname)
-
+    name = type(model).__name__
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete_args))
+        gm = _fx.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...)
         raise ValueError(
-            f"fuse_activations: torch.fx cannot trace {type(model).__name__} "
+            f"fuse_activations: torch.fx cannot trace {name} "
             f"({type(exc).__name__}: {exc}); fusion needs a traceable forward "
             "(no control flow on tensor values), or use the model unfused"
         ) from exc
@@ -157,4 +159,29 @@ def fuse_activations(
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.bnkit_fused = sites  # type: ignore[assignment]
+    example = _fx.as_tuple(example_inputs)
+    try:
+        with torch.no_grad():
+            _fx.check_same(model, gm, example, "fused")
+    except _fx.UnfaithfulTrace as exc:
+        raise ValueError(
+            f"fuse_activations: torch.fx's trace of {name} is not the model ({exc}); "
+            "use the model unfused"
+        ) from exc
+    # fx fixes Python branches on `self.training` at trace time: say so if the graph is
+    # the model only in the mode it was traced in
+    mode = model.training
+    other = (copy.deepcopy(model).train(not mode), copy.deepcopy(gm).train(not mode))
+    try:
+        with torch.no_grad():
+            _fx.check_same(*other, example, "fused")
+    except _fx.UnfaithfulTrace:
+        traced, untraced = ("training", "eval") if mode else ("eval", "training")
+        warnings.warn(
+            f"fuse_activations: the fused {name} computes the model in {traced} mode only "
+            f"(it branches on self.training, which torch.fx fixes at trace time); for "
+            f"{untraced} mode use the model or fuse it again in that mode",
+            UserWarning,
+            stacklevel=2,
+        )
     return gm
