@@ -197,3 +197,30 @@ def test_diagnose_tells_float_noise_from_batch_mixing() -> None:
     noisy.train()  # real misuse is still caught
     kinds = [f.kind for f in bnkit.diagnose(noisy, x, audit_steps=0)]
     assert "inference in training mode" in kinds
+
+
+@pytest.mark.parametrize("name", ["monai-resnet18", "monai-segresnet", "monai-densenet121"])
+def test_fuse_activations_on_real_models(name: str) -> None:
+    """The fused model computes the converted model, outputs and gradients, training mode."""
+    make, shape = ZOO[name]
+    torch.manual_seed(0)
+    ref = make().train()
+    x = torch.randn(shape) * 2 + 1
+    unfused = bnkit.convert(copy.deepcopy(ref), to="bnkit")
+    fused = bnkit.fuse_activations(copy.deepcopy(ref), x)
+    assert bnkit.fused_sites(fused)
+    ya, yb = unfused(x), fused(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-6, atol=1e-6)
+    ya.square().mean().backward()
+    yb.square().mean().backward()
+    grads = dict(fused.named_parameters())
+    for k, p in unfused.named_parameters():
+        torch.testing.assert_close(grads[k].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fuse_activations_refuses_a_trace_that_is_not_the_model() -> None:
+    """torch.fx traces MONAI's BasicUNet into a graph that fails on the input (torch's own
+    symbolic_trace too): a clear error naming the model, not a broken GraphModule."""
+    make, shape = ZOO["monai-basicunet"]
+    with pytest.raises(ValueError, match="trace of BasicUNet is not the model"):
+        bnkit.fuse_activations(make(), torch.randn(shape))
