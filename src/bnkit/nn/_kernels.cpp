@@ -433,9 +433,9 @@ struct Gate {
 // (benchmarks/bench_kernels_ab.py): a gain of 1.2-2x for C <= 32 and for tensors that stay
 // in cache; for C = 64 with streamed outputs the plain rows were faster (0.76 against
 // 0.86 ms, (32, 64, 56, 56) eval), so those stay as they are.
-int64_t tile_rows(const Layout& lo, int64_t value_bytes) {
+int64_t tile_rows(const Layout& lo, bool streams) {
   if (!lo.fastest || lo.C <= 0 || lo.C >= 128) return 1;
-  if (lo.C > 32 && lo.R * lo.C * value_bytes * 2 > stream_bytes()) return 1;
+  if (lo.C > 32 && streams) return 1;
   const int64_t f = std::max<int64_t>(1, 256 / lo.C);
   return lo.R >= 2 * f ? f : 1;
 }
@@ -589,7 +589,7 @@ __attribute__((noinline)) void row_sums_tiled(const Ptrs<T>& p, const Layout& lo
 template <typename T, typename O>
 void row_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
               double* sum2) {
-  if (const int64_t f = tile_rows(lo, sizeof(T)); f > 1) {
+  if (const int64_t f = tile_rows(lo, O::streams(lo.R * lo.C)); f > 1) {
     row_sums_tiled<T, O>(p, lo, ka, sum1, sum2, f);
     return;
   }
@@ -683,7 +683,7 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
     });
     return;
   }
-  if (const int64_t f = tile_rows(lo, sizeof(T)); f > 1) {  // as in row_sums
+  if (const int64_t f = tile_rows(lo, O::streams(lo.R * lo.C)); f > 1) {  // as in row_sums
     map_rows_tiled<T, O>(p, lo, ka, reverse, f);
     return;
   }

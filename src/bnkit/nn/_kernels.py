@@ -203,7 +203,7 @@ class FastPath:
         without one)."""
         rm, rv, f = running if running is not None else (None, None, 0.0)
         y, mean, var, coef = self._mod.forward_train(x, weight, bias, eps, rm, rv, f, residual, act)
-        return y, mean, var, (coef if act else None)
+        return y, mean, var, coef
 
     def backward_train(
         self,

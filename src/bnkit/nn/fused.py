@@ -25,7 +25,7 @@ from bnkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormB
 
 __all__ = ["ACTIVATIONS", "batch_norm_act"]
 
-ACTIVATIONS = ("relu", "relu6")  # what the kernels fuse (None: the residual add alone)
+ACTIVATIONS = tuple(a for a in _kernels.ACTIVATIONS if a is not None)  # what they fuse
 _FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
@@ -52,11 +52,13 @@ def batch_norm_act(
         activation: ``"relu"``, ``"relu6"`` or ``None``
     """
     act = _code(activation)
-    # while a graph is captured the kernels step aside anyway: record torch's ops
-    fusable = type(bn) in _FUSABLE and isinstance(input, Tensor) and not _kernels.capturing(input)
+    fusable = type(bn) in _FUSABLE and isinstance(input, Tensor)
     if fusable and residual is not None:
+        # (not while a graph is captured: the shape test would be recorded as a constant,
+        # and the kernels step aside there anyway)
         fusable = (
             isinstance(residual, Tensor)
+            and not _kernels.capturing(input)
             and residual.shape == input.shape
             and residual.dtype == input.dtype
             and residual.device == input.device
