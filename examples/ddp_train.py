@@ -40,4 +40,10 @@ if rank == 0:
     print(
         f"world {world}: test accuracy (eval mode) {accuracy(plain, data.test_x, data.test_y):.1%}"
     )
+# An orderly shutdown: every rank done with the group (rank 0 evaluates alone above), and
+# DDP's reducer, which holds the group and its gloo threads, gone before the group is. A
+# rank that destroyed the group and exited while those were alive was killed by
+# std::terminate at exit ("terminate called without an active exception"), now and then.
+dist.barrier()
+del ddp, opt
 dist.destroy_process_group()
