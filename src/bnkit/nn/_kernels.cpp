@@ -462,7 +462,7 @@ struct Gate {
 // in cache; for C = 64 with streamed outputs the plain rows were faster (0.76 against
 // 0.86 ms, (32, 64, 56, 56) eval), so those stay as they are.
 int64_t tile_rows(const Layout& lo, bool streams) {
-  if (!lo.fastest || lo.C <= 0 || lo.C >= 128) return 1;
+  if (!lo.fastest || lo.C <= 0 || lo.C > 128) return 1;
   (void)streams;
   const int64_t f = std::max<int64_t>(1, 256 / lo.C);
   return lo.R >= 2 * f ? f : 1;
