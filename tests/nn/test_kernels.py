@@ -69,16 +69,28 @@ def test_mean_1e5_statistics(shape, channels_last, backend: str) -> None:
 
 # channels-fastest inputs whose rows span several of the kernel's blocks (four streams of
 # >= 16 KiB), a short last block with rows left over, and (C = 3) float32 flushes inside a
-# block; on 1 and 2 threads, so that each thread's row range ends mid-block.
+# block; NCHW runs longer than a lane's chunk (flushed mid-run, with a tail), and thread
+# ranges that start mid-channel and hold fewer runs than channels (4 threads, 15 runs of 5
+# channels); on 1, 2 and 4 threads, so that each thread's range ends mid-block.
 @pytest.mark.parametrize(
-    "shape", [(13001, 3), (1001, 200), (9, 40, 33, 7), (5, 3, 61, 67)], ids=str
+    "shape,channels_last",
+    [
+        ((13001, 3), True),
+        ((1001, 200), True),
+        ((9, 40, 33, 7), True),
+        ((5, 3, 61, 67), True),
+        ((2, 3, 113, 117), False),
+        ((3, 5, 3, 3), False),
+        ((7, 40, 5, 5), False),
+    ],
+    ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_channels_fastest_blocks_match_float64(shape, dtype, threads, backend: str) -> None:
-    x = random_input(shape, dtype=dtype, seed=3, channels_last=len(shape) == 4)
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_kernel_blocks_match_float64(shape, channels_last, dtype, threads, backend: str) -> None:
+    x = random_input(shape, dtype=dtype, seed=3, channels_last=channels_last and len(shape) == 4)
     x.requires_grad_()
-    go = random_input(shape, dtype=dtype, seed=4, channels_last=len(shape) == 4)
+    go = random_input(shape, dtype=dtype, seed=4, channels_last=channels_last and len(shape) == 4)
     kind = bnkit.BatchNorm2d if len(shape) == 4 else bnkit.BatchNorm1d
     bn = kind(shape[1], momentum=None).to(dtype)
     with torch.no_grad():

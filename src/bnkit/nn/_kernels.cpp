@@ -1,12 +1,15 @@
 // bnkit's CPU fast path: BatchNorm training forward/backward and eval forward.
 //
 // The same math as bnkit/nn/functional.py (shifted sums, float64 accumulation, output from
-// the shifted values), written as two passes over memory:
-//   NCHW (N, C, L): one task per channel; pass 1 accumulates sum(x - s) and sum((x - s)^2)
-//     over each contiguous run in chunks of kChunk values in the input type, flushing the
-//     chunk sums to double; pass 2 re-reads the channel (from L2) and writes the output.
-//   channels-fastest (R, C) (channels_last, 2D input): rows split across threads, each with
-//     per-channel partial sums (vectorised over C), merged at the end.
+// the shifted values), written as two passes over memory, each read front to back as one
+// sequential stream per thread (what the hardware prefetcher follows best):
+//   pass 1, the sums: NCHW (N, C, L) runs in order, each added to its channel's lanes
+//     (LaneSums); channels-fastest (R, C) (channels_last, 2D input) rows, vectorised over
+//     C; in the input type for at most kChunk values a lane, then in double; per-thread
+//     partial sums merged at the end.
+//   pass 2, the output, with the per-channel coefficients from the sums: after pass 1 each
+//     thread takes the same range, last block first, so that it finds what it read last
+//     still in cache.
 // s is a per-channel shift (the mean of a few strided samples) so that x - s is small and
 // exact; mean = s + sum(x - s) / n and var = sum((x - s)^2) / n - (sum(x - s) / n)^2.
 #include <torch/extension.h>
@@ -188,6 +191,12 @@ int row_threads(int64_t R) {
   return std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
 }
 
+// Threads for an NCHW pass over `runs` runs (n, c): the same split in the statistics pass
+// and the output pass.
+int run_threads(int64_t runs) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), runs)));
+}
+
 // The output tensor, like x. Large outputs are often fresh memory from the OS (glibc maps
 // every block of 32 MiB or more anew, and gives smaller ones back when the top of its heap
 // holds more than twice its current mmap threshold free), and the first write to each
@@ -276,10 +285,15 @@ double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& o
   return k ? static_cast<double>(static_cast<T>(acc / static_cast<double>(k))) : 0.0;
 }
 
-// Per-channel shifts of a channels-fastest (R, C) input: the samples are whole rows,
-// summed vectorised over the channels. (NCHW shifts are taken per block in nchw_fused.)
+// Per-channel shifts of the input: NCHW channel by channel; channels-fastest (R, C) with
+// the samples as whole rows, summed vectorised over the channels.
 template <typename T>
-void row_shifts(const T* x, const Layout& lo, double* s) {
+void shifts(const T* x, const Layout& lo, double* s) {
+  if (!lo.fastest) {
+    const std::vector<int64_t> off = sample_offsets(lo);
+    for (int64_t c = 0; c < lo.C; ++c) s[c] = channel_shift(x, lo, off, c);
+    return;
+  }
   const std::vector<int64_t> off = sample_offsets(lo);
   std::vector<double> acc(lo.C, 0.0), cnt(lo.C, 0.0);
   double* a = acc.data();
@@ -439,31 +453,15 @@ struct KArrays {
   mutable std::vector<T> buf;
 };
 
-// The forward's coefficients (shift, scale, offset of pre) of channel c, when a gated
-// backward needs them.
-template <typename T>
-struct Gate {
-  const double* p = nullptr;  // (3, C): s, a, k as doubles holding values of T
-  int64_t C = 0;
-  void fill(K<T>& k, int64_t c) const {
-    if (!p) return;
-    k.fs = static_cast<T>(p[c]);
-    k.fa = static_cast<T>(p[C + c]);
-    k.fk = static_cast<T>(p[2 * C + c]);
-  }
-};
-
-// Few channels (channels_last with C = 16..64, say): the vector loops of a row would run
-// over a handful of values and pay their per-row cost (loop set-up, a Writer call, the
+// Few channels (channels_last with C <= 128): the vector loops of a row would run over a
+// handful of values and pay their per-row cost (loop set-up, a Writer call, the
 // accumulators' read-modify-write) every few values. So f consecutive rows are taken as
 // one row of W = f * C values with the per-channel scalars repeated f times (value j is
 // channel j % C), W about 256; the rows left over (fewer than f) go as they are. Measured
-// (benchmarks/bench_kernels_ab.py): a gain of 1.2-2x for C <= 32 and for tensors that stay
-// in cache; for C = 64 with streamed outputs the plain rows were faster (0.76 against
-// 0.86 ms, (32, 64, 56, 56) eval), so those stay as they are.
-int64_t tile_rows(const Layout& lo, bool streams) {
+// (benchmarks/bench_kernels_ab.py): 1.2-2x for C <= 32, 0.81-0.94 of the plain rows' time
+// for C = 64 and 128; rows of 512 (C = 256 tiled too) bought nothing.
+int64_t tile_rows(const Layout& lo) {
   if (!lo.fastest || lo.C <= 0 || lo.C > 128) return 1;
-  (void)streams;
   const int64_t f = std::max<int64_t>(1, 256 / lo.C);
   return lo.R >= 2 * f ? f : 1;
 }
@@ -504,8 +502,7 @@ Ptrs<T> rows_from(const Ptrs<T>& p, int64_t offset) {
   return q;
 }
 
-// Per-channel (sum u, sum v) of the Op over a channels-fastest (R, C) input. (NCHW sums
-// are taken per block in nchw_fused.)
+// Per-channel (sum u, sum v) of the Op over a channels-fastest (R, C) input.
 template <typename T, typename O>
 void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
                    double* sum2) {
@@ -617,9 +614,17 @@ __attribute__((noinline)) void row_sums_tiled(const Ptrs<T>& p, const Layout& lo
 }
 
 template <typename T, typename O>
+void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
+               double* sum2);
+
+template <typename T, typename O>
 void row_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
               double* sum2) {
-  if (const int64_t f = tile_rows(lo, O::streams(lo.R * lo.C)); f > 1) {
+  if (!lo.fastest) {
+    nchw_sums<T, O>(p, lo, ka, sum1, sum2);
+    return;
+  }
+  if (const int64_t f = tile_rows(lo); f > 1) {
     row_sums_tiled<T, O>(p, lo, ka, sum1, sum2, f);
     return;
   }
@@ -690,30 +695,41 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
   const int64_t C = lo.C;
   const bool stream = O::streams(lo.R * C);
   if (!lo.fastest) {
-    // runs (n, c) in order: a thread's range of runs is one contiguous output region
-    parallel(lo.N * C, lo.R * C, [&](int64_t i0, int64_t i1) {
-      int64_t c = i0 % C;  // one division per thread, not per run
-      const int64_t L = lo.L;
-      if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
-        for (int64_t i = i0; i < i1; ++i) {
-          out_span<T, O>(p.out + i * L, O::kSecond ? p.out2 + i * L : nullptr, p, i * L, L,
-                         ka.at(c));
-          if (++c == C) c = 0;
+    // runs (n, c) in order, split as in nchw_sums; blocks of runs last to first after a
+    // statistics pass (reverse), each written front to back
+    const int64_t L = lo.L, runs = lo.N * C;
+    const int nt = run_threads(runs);
+    const int64_t blk = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, L * sizeof(T)));
+    parallel(nt, runs * L, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = runs * t / nt, i1 = runs * (t + 1) / nt;
+        const int64_t nb = (i1 - i0 + blk - 1) / blk;
+        for (int64_t kb = 0; kb < nb; ++kb) {
+          const int64_t b = reverse ? nb - 1 - kb : kb;
+          const int64_t rb = i0 + b * blk, re = std::min(i1, rb + blk);
+          int64_t c = rb % C;
+          if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
+            for (int64_t i = rb; i < re; ++i) {
+              out_span<T, O>(p.out + i * L, O::kSecond ? p.out2 + i * L : nullptr, p, i * L, L,
+                             ka.at(c));
+              if (++c == C) c = 0;
+            }
+            continue;
+          }
+          Writer<T> w(p.out + rb * L, stream);
+          Writer<T> w2(O::kSecond ? p.out2 + rb * L : nullptr, stream);
+          for (int64_t i = rb; i < re; ++i) {
+            out_run<T, O>(w, &w2, p, i * L, L, ka.at(c));
+            if (++c == C) c = 0;
+          }
+          w.finish();
+          if (O::kSecond) w2.finish();
         }
-        return;
       }
-      Writer<T> w(p.out + i0 * L, stream);
-      Writer<T> w2(O::kSecond ? p.out2 + i0 * L : nullptr, stream);
-      for (int64_t i = i0; i < i1; ++i) {
-        out_run<T, O>(w, &w2, p, i * L, L, ka.at(c));
-        if (++c == C) c = 0;
-      }
-      w.finish();
-      if (O::kSecond) w2.finish();
     });
     return;
   }
-  if (const int64_t f = tile_rows(lo, O::streams(lo.R * lo.C)); f > 1) {  // as in row_sums
+  if (const int64_t f = tile_rows(lo); f > 1) {  // as in row_sums
     map_rows_tiled<T, O>(p, lo, ka, reverse, f);
     return;
   }
@@ -756,87 +772,121 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
   });
 }
 
-// NCHW, fused per block of channels: pass 1 (sums) and pass 2 (output) over a block that
-// fits in L2, so the second pass does not go back to DRAM. A block of channels is a
-// contiguous run of cb * L values in every sample, which the prefetcher follows.
-// coef(c, sum1, sum2, shift, &kx, &ko, &k0) turns the sums into the output's coefficients.
-template <typename T, typename O, typename Coef>
-void nchw_fused(const Ptrs<T>& p, const Layout& lo, const double* shift_in, const Gate<T>& gate,
-                Coef coef) {
-  const int64_t C = lo.C, N = lo.N, L = lo.L;
-  const int64_t per_channel = N * L * static_cast<int64_t>(sizeof(T)) * O::inputs;
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  // Channels per block: enough that the second pass re-reads the block from L2 (256 KiB
-  // of input), but at least enough for contiguous runs of 8 KiB per sample (shorter runs
-  // starve the prefetcher: with 14x14 images a channel is 784 bytes per sample) as long
-  // as the block stays within 2 MiB (one block per thread in L3), and a number of blocks
-  // that is a multiple of the thread count, so that no thread idles at the end.
-  const int64_t run = L * static_cast<int64_t>(sizeof(T));
-  int64_t cb = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(per_channel, 1));
-  cb = std::max<int64_t>(cb, (8 * 1024 + run - 1) / std::max<int64_t>(run, 1));
-  cb = std::min<int64_t>(cb, std::max<int64_t>(1, (2 << 20) / std::max<int64_t>(per_channel, 1)));
-  cb = std::min<int64_t>(cb, std::max<int64_t>(1, (C + nt - 1) / nt));
-  int64_t nb = (C + cb - 1) / cb;
-  nb = std::min<int64_t>(C, (nb + nt - 1) / nt * nt);
-  cb = (C + nb - 1) / nb;
-  const int64_t nblocks = (C + cb - 1) / cb;
-  const bool stream = O::streams(N * C * L);
-  const std::vector<int64_t> off = shift_in ? std::vector<int64_t>() : sample_offsets(lo);
-  parallel(nblocks, N * C * L, [&](int64_t b0, int64_t b1) {
-    std::vector<double> a1(cb), a2(cb), sh(cb), kx(cb), ko(cb), k0(cb);
-    std::vector<K<T>> ks(cb);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * cb, c1 = std::min(C, c0 + cb), m = c1 - c0;
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t c = c0 + j;
-        if (shift_in) {
-          sh[j] = static_cast<double>(static_cast<T>(shift_in[c]));
-        } else {
-          sh[j] = channel_shift(p.x, lo, off, c);
-        }
-        ks[j] = K<T>{static_cast<T>(sh[j]), T(0), T(0), T(0), T(0), T(0), T(0)};
-        gate.fill(ks[j], c);
-        a1[j] = 0;
-        a2[j] = 0;
-      }
-      for (int64_t nn = 0; nn < N; ++nn) {
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t base = (nn * C + c0 + j) * L;
-          const T* xp = p.x + base;
-          const T* gp = O::kReadsGo ? p.go + base : nullptr;
-          const T* rp = O::kReadsR ? p.r + base : nullptr;
-          const K<T> k = ks[j];
-          for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
-            const int64_t l1 = std::min(L, l0 + kChunk);
-            T q1 = 0, q2 = 0;
-#pragma omp simd reduction(+ : q1, q2)
-            for (int64_t l = l0; l < l1; ++l) {
-              T u, v;
-              O::sum(xp[l], O::kReadsGo ? gp[l] : T(0), O::kReadsR ? rp[l] : T(0), k, u, v);
-              q1 += u;
-              q2 += v;
-            }
-            a1[j] += q1;
-            a2[j] += q2;
-          }
+// One channel's NCHW sums, kept in kLanes independent lanes (four AVX vectors of T): with
+// the single vector accumulator of a plain reduction every add waits for the previous
+// one (the NCHW statistics ran at a third of a plain sum's speed). Each lane sums at most
+// kChunk values in T, then the lanes go to a double (flush); the same bound on what is
+// summed in T as the row sums have. 272 bytes a channel, so that a thread can keep one
+// for every channel of a long stream of short runs.
+template <typename T>
+struct LaneSums {
+  static constexpr int64_t kLanes = 128 / static_cast<int64_t>(sizeof(T));
+  alignas(64) T q1[kLanes];
+  alignas(64) T q2[kLanes];
+  double d1 = 0, d2 = 0;
+  int64_t count = 0;  // values per lane in q1, q2 (at most kChunk)
+
+  void reset() {
+    for (int64_t j = 0; j < kLanes; ++j) q1[j] = q2[j] = T(0);
+    d1 = d2 = 0.0;
+    count = 0;
+  }
+  void flush() {
+    double a1 = 0, a2 = 0;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      a1 += static_cast<double>(q1[j]);
+      a2 += static_cast<double>(q2[j]);
+      q1[j] = T(0);
+      q2[j] = T(0);
+    }
+    d1 += a1;
+    d2 += a2;
+    count = 0;
+  }
+  void totals(double& a1, double& a2) {
+    flush();
+    a1 = d1;
+    a2 = d2;
+  }
+
+  // Adds the Op's sums over one contiguous run of n values (scalars k).
+  template <typename O>
+  inline void add(const T* xp, const T* gp, const T* rp, int64_t n, const K<T>& k) {
+    T* p1 = static_cast<T*>(__builtin_assume_aligned(q1, 64));
+    T* p2 = static_cast<T*>(__builtin_assume_aligned(q2, 64));
+    int64_t l = 0;
+    while (l < n) {
+      if (count == kChunk) flush();
+      const int64_t m = std::min(n - l, (kChunk - count) * kLanes);  // whole lanes but the tail
+      const int64_t full = l + m / kLanes * kLanes;
+      for (; l < full; l += kLanes) {
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) {
+          T u, v;
+          O::sum(xp[l + j], O::kReadsGo ? gp[l + j] : T(0), O::kReadsR ? rp[l + j] : T(0), k,
+                 u, v);
+          p1[j] += u;
+          p2[j] += v;
         }
       }
-      for (int64_t j = 0; j < m; ++j) {
-        coef(c0 + j, a1[j], a2[j], sh[j], &kx[j], &ko[j], &k0[j]);
-        ks[j].kx = static_cast<T>(kx[j]);
-        ks[j].ko = static_cast<T>(ko[j]);
-        ks[j].k0 = static_cast<T>(k0[j]);
+      const int64_t rest = m % kLanes;  // only at the end of the run
+#pragma omp simd
+      for (int64_t j = 0; j < rest; ++j) {
+        T u, v;
+        O::sum(xp[l + j], O::kReadsGo ? gp[l + j] : T(0), O::kReadsR ? rp[l + j] : T(0), k, u,
+               v);
+        p1[j] += u;
+        p2[j] += v;
       }
-      if (!p.out) continue;
-      for (int64_t nn = 0; nn < N; ++nn) {
-        Writer<T> w(p.out + (nn * C + c0) * L, stream);
-        Writer<T> w2(O::kSecond ? p.out2 + (nn * C + c0) * L : nullptr, stream);
-        for (int64_t j = 0; j < m; ++j) out_run<T, O>(w, &w2, p, (nn * C + c0 + j) * L, L, ks[j]);
-        w.finish();
-        if (O::kSecond) w2.finish();
+      l += rest;
+      count += (m + kLanes - 1) / kLanes;
+    }
+  }
+};
+
+// Per-channel (sum u, sum v) of the Op over an NCHW input, read front to back as one
+// sequential stream per thread (runs (n, c) in order; each thread keeps every channel's
+// lanes), merged in thread order at the end.
+template <typename T, typename O>
+void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
+               double* sum2) {
+  const int64_t C = lo.C, L = lo.L, runs = lo.N * lo.C;
+  const int nt = run_threads(runs);
+  std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
+  parallel(nt, runs * L, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = runs * t / nt, i1 = runs * (t + 1) / nt;
+      const int64_t cfirst = i1 - i0 >= C ? 0 : i0 % C;
+      const int64_t ncov = std::min(C, i1 - i0);  // channels this range touches
+      std::vector<LaneSums<T>> acc(static_cast<size_t>(ncov));
+      for (auto& a : acc) a.reset();
+      int64_t c = i0 % C;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t base = i * L;
+        const K<T> k = ka.at(c);
+        int64_t j = c - cfirst;
+        if (j < 0) j += C;
+        acc[static_cast<size_t>(j)].template add<O>(p.x + base, O::kReadsGo ? p.go + base : nullptr,
+                                                    O::kReadsR ? p.r + base : nullptr, L, k);
+        if (++c == C) c = 0;
+      }
+      double* p1 = part.data() + t * 2 * C;
+      for (int64_t j = 0; j < ncov; ++j) {
+        int64_t cc = cfirst + j;
+        if (cc >= C) cc -= C;
+        acc[static_cast<size_t>(j)].totals(p1[cc], p1[C + cc]);
       }
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0, a2 = 0;
+    for (int t = 0; t < nt; ++t) {
+      a1 += part[t * 2 * C + c];
+      a2 += part[t * 2 * C + C + c];
+    }
+    sum1[c] = a1;
+    sum2[c] = a2;
+  }
 }
 
 // A per-channel tensor (any float dtype, any stride) as C doubles; `fill` when absent.
@@ -1065,17 +1115,7 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
         fc[2 * C + c] = static_cast<double>(static_cast<T>(*kz));
       }
     };
-    if (!lo.fastest) {
-      if (!want_y) {
-        nchw_fused<T, Op<T, kStats, kNoAct, false>>(p, lo, nullptr, Gate<T>{}, coef);
-        return;
-      }
-      with_op<T, kFwd>(act, p.r != nullptr, [&](auto op) {
-        nchw_fused<T, decltype(op)>(p, lo, nullptr, Gate<T>{}, coef);
-      });
-      return;
-    }
-    row_shifts(p.x, lo, s.data());
+    shifts(p.x, lo, s.data());
     KArrays<T> ka(C);
     for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(s[c]);
     row_sums<T, Op<T, kStats, kNoAct, false>>(p, lo, ka, s1.data(), s2.data());
@@ -1169,27 +1209,18 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
       scratch = new_output(x);
       p.out = scratch.data_ptr<T>();
     }
-    Gate<T> gate;
-    if (gated) {
-      gate.p = fcoef->data_ptr<double>();
-      gate.C = C;
-    }
-    if (!lo.fastest) {
-      with_op<T, kBwd>(act, p.r != nullptr, [&](auto op) {
-        nchw_fused<T, decltype(op)>(p, lo, mp, gate, coef);
-      });
-      return;
-    }
     KArrays<T> ka(C);
     std::vector<double> s(C), sg(C), sgd(C);
+    // the forward's (3, C) coefficients: shift, scale, offset of pre, values of T
+    const double* fp = gated ? fcoef->data_ptr<double>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       s[c] = static_cast<double>(static_cast<T>(mp[c]));
       ka.s()[c] = static_cast<T>(s[c]);
-      K<T> k{};
-      gate.fill(k, c);
-      ka.fs()[c] = k.fs;
-      ka.fa()[c] = k.fa;
-      ka.fk()[c] = k.fk;
+      if (fp) {
+        ka.fs()[c] = static_cast<T>(fp[c]);
+        ka.fa()[c] = static_cast<T>(fp[C + c]);
+        ka.fk()[c] = static_cast<T>(fp[2 * C + c]);
+      }
     }
     with_op<T, kBwd>(act, p.r != nullptr, [&](auto op) {
       using O = decltype(op);
