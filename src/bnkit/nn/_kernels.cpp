@@ -191,6 +191,12 @@ int row_threads(int64_t R) {
   return std::max<int>(1, std::min<int64_t>(at::get_num_threads(), (R + 255) / 256));
 }
 
+// An output pass after a statistics pass goes through each thread's range in blocks of
+// about this many bytes, last block first (what the thread read last is still in cache);
+// an output pass alone writes each thread's range as one block. Measured A/B against
+// 64 KiB blocks both ways: 0.76-0.96 of the time on NCHW.
+constexpr int64_t kBackBlock = 256 * 1024;
+
 // Threads for an NCHW pass over `runs` runs (n, c): the same split in the statistics pass
 // and the output pass.
 int run_threads(int64_t runs) {
@@ -695,14 +701,15 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
   const int64_t C = lo.C;
   const bool stream = O::streams(lo.R * C);
   if (!lo.fastest) {
-    // runs (n, c) in order, split as in nchw_sums; blocks of runs last to first after a
-    // statistics pass (reverse), each written front to back
+    // runs (n, c) in order, split as in nchw_sums; blocks of runs (kBackBlock) last to
+    // first after a statistics pass (reverse), each written front to back
     const int64_t L = lo.L, runs = lo.N * C;
     const int nt = run_threads(runs);
-    const int64_t blk = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, L * sizeof(T)));
     parallel(nt, runs * L, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t i0 = runs * t / nt, i1 = runs * (t + 1) / nt;
+        const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / std::max<int64_t>(1, L * sizeof(T)))
+                                    : std::max<int64_t>(1, i1 - i0);
         const int64_t nb = (i1 - i0 + blk - 1) / blk;
         for (int64_t kb = 0; kb < nb; ++kb) {
           const int64_t b = reverse ? nb - 1 - kb : kb;
