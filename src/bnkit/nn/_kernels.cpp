@@ -758,13 +758,14 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
   const int64_t C = lo.C;
   const bool stream = O::streams(lo.R * C);
   // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
-  // rows are taken last to first, so that the rows a thread read last are still in
-  // cache; each block is written front to back.
+  // rows (kBackBlock) are taken last to first, so that the rows a thread read last are
+  // still in cache; each block is written front to back.
   const int nt = row_threads(lo.R);
-  const int64_t blk = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, C * sizeof(T)));
   parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
+      const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / std::max<int64_t>(1, C * sizeof(T)))
+                                  : std::max<int64_t>(1, r1 - r0);
       const int64_t nb = (r1 - r0 + blk - 1) / blk;
       for (int64_t k = 0; k < nb; ++k) {
         const int64_t b = reverse ? nb - 1 - k : k;
