@@ -144,6 +144,15 @@ def test_fast_path_checks_its_own_preconditions(backend: str) -> None:
         lambda: fast.backward_train(x[:2], x, ok, ok, var=ok, need_grad_input=True, raw_sums=True),
         lambda: fast.backward_train(x, x, ok, bad, var=ok, need_grad_input=True, raw_sums=True),
         lambda: fast.grad_apply(x, x, ok, k_centered=ok, k_grad=bad, k_const=ok),
+        lambda: fast.backward_eval(
+            x, x, ok, ok, bad, eps=1e-5, need_grad_input=True, need_sums=True
+        ),
+        lambda: fast.backward_eval(
+            x[:2], x, ok, ok, ok, eps=1e-5, need_grad_input=True, need_sums=False
+        ),
+        lambda: fast.backward_eval(
+            x, x, ok, ok, ok, eps=-1.0, need_grad_input=True, need_sums=True
+        ),
         lambda: fast.stats(x.transpose(2, 3)),  # neither contiguous nor channels_last
         lambda: fast.stats(x.to(torch.float16)),
     ]

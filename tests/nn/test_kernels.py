@@ -204,3 +204,54 @@ def test_bad_stream_bytes_setting_is_named(backend: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "BNKIT_STREAM_BYTES='8MB': expected a number of bytes" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((6, 5, 7, 9), False), ((6, 5, 7, 9), True), ((300, 40), False), ((3, 130, 5), False)],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("grads", ["all", "input", "params"])
+def test_eval_backward_matches_float64(shape, channels_last, dtype, grads, backend: str) -> None:
+    """The eval-mode backward (one kernel call on the fast path) against the closed form:
+    dx = g * w / sqrt(rv + eps), dw = sum(g * (x - rm)) / sqrt(rv + eps), db = sum(g)."""
+    x = random_input(shape, dtype=dtype, seed=5, channels_last=channels_last)
+    go = random_input(shape, dtype=dtype, seed=6)
+    kind = bnkit.BatchNorm2d if len(shape) == 4 else bnkit.BatchNorm1d
+    bn = kind(shape[1]).to(dtype).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(shape[1], dtype=dtype) * 2 + 4)
+        bn.running_var.uniform_(0.5, 3)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x.requires_grad_(grads != "params")
+    bn.requires_grad_(grads != "input")
+    wanted = [t for t in (x, bn.weight, bn.bias) if t.requires_grad]
+    got = torch.autograd.grad(bn(x), wanted, go)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    invstd = 1 / (bn.running_var.double() + bn.eps).sqrt()
+    d = x.detach().double() - bn.running_mean.double().view(view)
+    dims = [0, *range(2, len(shape))]
+    ref = {
+        "x": go.double() * (bn.weight.double() * invstd).view(view),
+        "w": (go.double() * d).sum(dims) * invstd,
+        "b": go.double().sum(dims),
+    }
+    names = [n for n, t in zip("xwb", (x, bn.weight, bn.bias), strict=True) if t.requires_grad]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, g in zip(names, got, strict=True):
+        r = ref[name]
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert ((g.double() - r).abs() / (1 + r.abs())).max().item() < tol, name
+
+
+def test_eval_backward_ignores_inf_in_input(backend: str) -> None:
+    """dx does not depend on x in eval mode: an inf in x leaves it finite, as torch's."""
+    x = random_input((4, 3, 5, 5)).requires_grad_()
+    with torch.no_grad():
+        x[1, 2, 3, 4] = float("inf")
+    mods = [torch.nn.BatchNorm2d(3).eval(), bnkit.BatchNorm2d(3).eval()]
+    grads = [torch.autograd.grad(m(x), x, torch.ones_like(x))[0] for m in mods]
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0])

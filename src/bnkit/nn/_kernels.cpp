@@ -1320,6 +1320,70 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   return y;
 }
 
+// The eval-mode backward: grad_x = grad_out * weight / sqrt(running_var + eps) (when
+// need_gx), and, when need_sums, the weight and bias gradients sum(g * (x - running_mean))
+// * invstd and sum(g) (weight's dtype; x's without weight) in one pass over x and
+// grad_out before it. grad_x does not depend on x (an inf in x leaves it finite, as in
+// torch). Returns (grad_x or undefined, grad_weight or undefined, grad_bias or undefined).
+std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor& x_in,
+                                      const c10::optional<at::Tensor>& w,
+                                      const at::Tensor& running_mean,
+                                      const at::Tensor& running_var, double eps, bool need_gx,
+                                      bool need_sums) {
+  const char* fn = "bnkit backward_eval";
+  check_input(x_in, fn);
+  check_like(go_in, x_in, fn, "grad_output");
+  const int64_t C_in = x_in.size(1);
+  check_channel(w, C_in, fn, "weight");
+  check_channel(running_mean, C_in, fn, "running_mean");
+  check_channel(running_var, C_in, fn, "running_var");
+  TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
+  const Layout lo = layout_of(x_in);
+  at::Tensor x = as_layout(x_in, lo.fastest);
+  at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
+                                                                     : go_in.to(x.scalar_type()),
+                            lo.fastest);
+  const int64_t C = lo.C;
+  const std::vector<double> md = doubles(running_mean, C, 0.0), wd = doubles(w, C, 1.0);
+  std::vector<double> id = doubles(running_var, C, 1.0);
+  for (int64_t c = 0; c < C; ++c) id[c] = 1.0 / std::sqrt(id[c] + eps);
+  std::vector<double> gsum(C, 0.0), gxhat(C, 0.0);
+  at::Tensor gx = need_gx ? new_output(x) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_backward_eval", [&] {
+    using T = scalar_t;
+    if (need_sums) {
+      KArrays<T> ka(C);
+      std::vector<double> sg(C), sgd(C);
+      for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(md[c]);
+      Ptrs<T> p;
+      p.x = x.data_ptr<T>();
+      p.go = go.data_ptr<T>();
+      row_sums<T, Op<T, kBwd, kNoAct, false>>(p, lo, ka, sg.data(), sgd.data());
+      for (int64_t c = 0; c < C; ++c) {
+        const double lo_c = md[c] - static_cast<double>(static_cast<T>(md[c]));
+        gsum[c] = sg[c];
+        gxhat[c] = (sgd[c] - lo_c * sg[c]) * id[c];
+      }
+    }
+    if (need_gx) {  // go * a as the forward's output loop: (go - 0) * a + 0
+      KArrays<T> ka(C);
+      for (int64_t c = 0; c < C; ++c) ka.kx()[c] = static_cast<T>(wd[c] * id[c]);
+      Ptrs<T> p;
+      p.x = go.data_ptr<T>();
+      p.out = gx.data_ptr<T>();
+      channel_map<T, Op<T, kFwd, kNoAct, false>>(p, lo, ka, need_sums);
+    }
+  });
+  at::Tensor gw, gb;
+  if (need_sums) {
+    const bool has_w = has(w);
+    const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
+    if (has_w) gw = tensor_of(gxhat, pdt);
+    gb = tensor_of(gsum, pdt);
+  }
+  return {gx, gw, gb};
+}
+
 // grad_x = ko * go + kx * (x - s) + k0 per channel, s = mean rounded to the input type
 // (the apply step of the training backward when the sums come from elsewhere, e.g. an
 // all_reduce across ranks).

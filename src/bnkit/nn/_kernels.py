@@ -118,6 +118,7 @@ def _build() -> Any:
             "forward_train",
             "backward_train",
             "forward_eval",
+            "backward_eval",
             "stats",
             "grad_apply",
         ],
@@ -253,6 +254,30 @@ class FastPath:
             x, running_mean, running_var, weight, bias, eps, residual, act
         )
         return y
+
+    def backward_eval(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        *,
+        eps: float,
+        need_grad_input: bool,
+        need_sums: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The eval-mode backward: (grad_output * weight * invstd or None, and when
+        ``need_sums`` sum(grad_output * (x - running_mean)) * invstd (None without weight)
+        and sum(grad_output), in the weight's dtype)."""
+        gx, gw, gb = self._mod.backward_eval(
+            grad_out, x, weight, running_mean, running_var, eps, need_grad_input, need_sums
+        )
+        return (
+            gx if need_grad_input else None,
+            gw if need_sums and weight is not None else None,
+            gb if need_sums else None,
+        )
 
     def grad_apply(
         self,

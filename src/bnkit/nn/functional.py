@@ -549,6 +549,12 @@ def gate_activation(grad_out: Tensor, pre: Tensor, act: int) -> Tensor:
     return torch.where(dead, torch.zeros_like(grad_out), grad_out)
 
 
+# The non-tensor arguments of _FastTrainNorm as one tuple, (eps, fast path, running,
+# with_stats, act): Function.apply walks every argument (functorch's wrapper check), a
+# fraction of a microsecond each, on every call of every small layer.
+_FastOpts = tuple[float, "_kernels.FastPath", "tuple[Tensor, Tensor, float] | None", bool, int]
+
+
 class _FastTrainNorm(torch.autograd.Function):
     """:class:`_TrainNorm` on the C++ fast path, as a classic Function (no per-call
     signature binding; never used under torch.func transforms, which trace the plain one).
@@ -566,13 +572,10 @@ class _FastTrainNorm(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        eps: float,
-        fast: _kernels.FastPath,
-        running: tuple[Tensor, Tensor, float] | None,
-        with_stats: bool,
-        residual: Tensor | None = None,
-        act: int = 0,
+        residual: Tensor | None,
+        opts: _FastOpts,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        eps, fast, running, with_stats, act = opts
         y, mean, var, coef = fast.forward_train(
             x, weight, bias, eps=eps, running=running, residual=residual, act=act
         )
@@ -592,7 +595,7 @@ class _FastTrainNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_stats: Tensor) -> Any:  # type: ignore[override]
         gx, gw, gb, _eps, gres = _train_norm_backward(ctx, grad_out)
-        return gx, gw, gb, None, None, None, None, gres, None
+        return gx, gw, gb, gres, None
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -635,7 +638,7 @@ def normalize_train(
         return y.to(x.dtype), empty, empty.clone()
     fast = _kernels.route(x)
     if fast is not None:
-        y, mean, var = _FastTrainNorm.apply(x, weight, bias, eps, fast, None, True)
+        y, mean, var = _FastTrainNorm.apply(x, weight, bias, None, (eps, fast, None, True, 0))
     else:
         y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
     return y, mean, var
@@ -644,7 +647,8 @@ def normalize_train(
 class _EvalNorm(torch.autograd.Function):
     """Eval-mode normalization on the fast path, with its closed-form backward:
     ``dx = grad * weight * invstd``, ``dweight = sum(grad * (x - mean)) * invstd``,
-    ``dbias = sum(grad)``; written with differentiable ops (double backward works)."""
+    ``dbias = sum(grad)``: one kernel call (the sums in one pass over x and grad before
+    the pass that writes dx); under a double backward, differentiable ops."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -661,6 +665,7 @@ class _EvalNorm(torch.autograd.Function):
         # path is never taken under torch.func transforms, which trace the plain one
         y = fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
         ctx.eps = eps
+        ctx.fast = fast
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, running_mean, running_var)
         return y
@@ -668,16 +673,25 @@ class _EvalNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
         x, weight, running_mean, running_var = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_w = weight is not None and ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if not torch.is_grad_enabled():  # one kernel call (no double backward)
+            gx, gw, gb = ctx.fast.backward_eval(
+                grad_out, x, weight, running_mean, running_var, eps=ctx.eps,
+                need_grad_input=need_x, need_sums=need_w or need_b,
+            )  # fmt: skip
+            return gx, gw if need_w else None, gb if need_b else None, None, None, None, None
         shape = channel_shape(x)
         invstd = inv_std(running_var.to(torch.float64), ctx.eps)
         a = invstd if weight is None else weight.to(invstd.dtype) * invstd
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             gx = grad_out * a.to(x.dtype).view(shape)
-        if weight is not None and ctx.needs_input_grad[1]:
+        if need_w:
             d = x - running_mean.to(x.dtype).view(shape)
             gw = (_channel_sum(grad_out, d) * invstd).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if need_b:
             gb = _channel_sum(grad_out).to(weight.dtype if weight is not None else x.dtype)
         return gx, gw, gb, None, None, None, None
 
@@ -812,7 +826,7 @@ def apply_batch_norm(
         if running_mean is not None and running_var is not None:
             running = (running_mean, running_var, float(factor))
         y: Tensor = _FastTrainNorm.apply(
-            input, weight, bias, eps, fast, running, False, residual, act
+            input, weight, bias, residual, (eps, fast, running, False, act)
         )
         return y
     y, mean, var = normalize_train(input, weight, bias, eps)
