@@ -194,7 +194,7 @@ int row_threads(int64_t R) {
 // An output pass after a statistics pass goes through each thread's range in blocks of
 // about this many bytes, last block first (what the thread read last is still in cache);
 // an output pass alone writes each thread's range as one block. Measured A/B against
-// 64 KiB blocks both ways: 0.76-0.96 of the time on NCHW.
+// 64 KiB blocks both ways: 0.76-0.96 of the time on NCHW, 0.88-0.97 channels-fastest.
 constexpr int64_t kBackBlock = 256 * 1024;
 
 // Threads for an NCHW pass over `runs` runs (n, c): the same split in the statistics pass
@@ -708,7 +708,8 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
     parallel(nt, runs * L, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t i0 = runs * t / nt, i1 = runs * (t + 1) / nt;
-        const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / std::max<int64_t>(1, L * sizeof(T)))
+        const int64_t run_bytes = std::max<int64_t>(1, L * static_cast<int64_t>(sizeof(T)));
+        const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / run_bytes)
                                     : std::max<int64_t>(1, i1 - i0);
         const int64_t nb = (i1 - i0 + blk - 1) / blk;
         for (int64_t kb = 0; kb < nb; ++kb) {
@@ -764,7 +765,8 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
   parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
-      const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / std::max<int64_t>(1, C * sizeof(T)))
+      const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
+      const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / row_bytes)
                                   : std::max<int64_t>(1, r1 - r0);
       const int64_t nb = (r1 - r0 + blk - 1) / blk;
       for (int64_t k = 0; k < nb; ++k) {
