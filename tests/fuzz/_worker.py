@@ -232,6 +232,32 @@ def fuzz(case: dict[str, Any]) -> None:
         counts["matched torch" if ok else "MISMATCH: different result"] += 1
         if not ok:
             failures.append(f"{case}")
+        elif backward_comparable(case, x):
+            pairs = zip(grads(ref, x, case), grads(ours, x, case), strict=True)
+            grads_ok = all(same(a, b, x.dtype) for a, b in pairs)
+            counts["gradients matched torch" if grads_ok else "MISMATCH: gradients"] += 1
+            if not grads_ok:
+                failures.append(f"gradients: {case}")
+
+
+def backward_comparable(case: dict[str, Any], x: torch.Tensor) -> bool:
+    """An undamaged layer on float input: the plain call's backward is compared too."""
+    return (
+        case["kind"] == "bn"
+        and case["defect"] == "none"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.numel() > 0
+    )
+
+
+def grads(m: nn.Module, x: torch.Tensor, case: dict[str, Any]) -> list[torch.Tensor]:
+    """d(sum(g * m(x))) / d(x, weight, bias) for a random g, on a copy of m."""
+    m = copy.deepcopy(m)
+    xi = x.detach().clone().requires_grad_()
+    y = m(xi)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(case["seed"] + 2))
+    params = [p for p in (m.weight, m.bias) if p is not None]
+    return list(torch.autograd.grad(y, [xi, *params], g.to(y.dtype)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fuzz every layer kind with random, often bad, calls in a subprocess (tests/fuzz/_worker.py):
-the process must never die by a signal, and bnkit must match torch's result or raise where
-torch raises. bnkit may be stricter (it validates an empty batch that torch skips, and
-refuses integer input and mismatched dtypes): those refusals are counted, not failed."""
+the process must never die by a signal, and bnkit must match torch's result (and, for the
+plain layer call on float input, its gradients) or raise where torch raises. bnkit may be
+stricter (it validates an empty batch that torch skips, and refuses integer input and
+mismatched dtypes): those refusals are counted, not failed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def test_fuzz_never_crashes_and_never_differs_silently() -> None:
     print(json.dumps(counts, indent=1))  # shown with -s; the note quotes it
     assert counts["cases"] == int(env["BNKIT_FUZZ_EXAMPLES"])
     assert counts.get("matched torch", 0) > 0 and counts.get("both raised", 0) > 0
+    assert counts.get("gradients matched torch", 0) > 0
     assert not any(k.startswith("MISMATCH") for k in counts)
     # bnkit is stricter than torch only on empty input (torch skips its checks there)
     assert not any(k.startswith("  stricter:") for k in counts), counts
