@@ -39,7 +39,8 @@
 namespace {
 
 constexpr int64_t kChunk = 256;      // values summed in the input type before a flush
-constexpr int64_t kShiftSamples = 16;  // enough to put the shift within a fraction of a std of the mean
+// enough samples to put the shift within a fraction of a std of the mean
+constexpr int64_t kShiftSamples = 16;
 
 // A kernel whose tensors (inputs and output together) take more than the last-level cache
 // (8 MiB at least) writes its output with non-temporal stores: the output would not stay
@@ -430,7 +431,8 @@ template <typename T>
 struct KArrays {
   explicit KArrays(int64_t C_)
       : C(C_), stride((C_ + 15) / 16 * 16 + 64 / static_cast<int64_t>(sizeof(T))),
-        buf(static_cast<size_t>(7 * stride + 64 / static_cast<int64_t>(sizeof(T))), T(0)) {}
+        buf(static_cast<size_t>(kArrays * stride + 64 / static_cast<int64_t>(sizeof(T))),
+            T(0)) {}
   int64_t C, stride;
   T* s() { return arr(0); }
   T* kx() { return arr(1); }
@@ -449,13 +451,14 @@ struct KArrays {
   K<T> at(int64_t c) const {
     return {s()[c], kx()[c], ko()[c], k0()[c], fs()[c], fa()[c], fk()[c]};
   }
-
- private:
+  static constexpr int kArrays = 7;  // s, kx, ko, k0, fs, fa, fk: arr(0..6)
   T* arr(int j) const {
     auto a = reinterpret_cast<std::uintptr_t>(buf.data());
     a = (a + 63) & ~std::uintptr_t(63);
     return reinterpret_cast<T*>(a) + j * stride;
   }
+
+ private:
   mutable std::vector<T> buf;
 };
 
@@ -487,12 +490,9 @@ template <typename T>
 KArrays<T> tiled(const KArrays<T>& ka, int64_t f) {
   const int64_t C = ka.C;
   KArrays<T> t(C * f);
-  for (int j = 0; j < 7; ++j) {
-    const T* a = j == 0 ? ka.s() : j == 1 ? ka.kx() : j == 2 ? ka.ko() : j == 3 ? ka.k0()
-               : j == 4 ? ka.fs() : j == 5 ? ka.fa() : ka.fk();
-    T* b = j == 0 ? t.s() : j == 1 ? t.kx() : j == 2 ? t.ko() : j == 3 ? t.k0()
-         : j == 4 ? t.fs() : j == 5 ? t.fa() : t.fk();
-    for (int64_t r = 0; r < f; ++r) std::copy(a, a + C, b + r * C);
+  for (int j = 0; j < KArrays<T>::kArrays; ++j) {
+    const T* a = ka.arr(j);
+    for (int64_t r = 0; r < f; ++r) std::copy(a, a + C, t.arr(j) + r * C);
   }
   return t;
 }
@@ -786,8 +786,8 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
 // the single vector accumulator of a plain reduction every add waits for the previous
 // one (the NCHW statistics ran at a third of a plain sum's speed). Each lane sums at most
 // kChunk values in T, then the lanes go to a double (flush); the same bound on what is
-// summed in T as the row sums have. 272 bytes a channel, so that a thread can keep one
-// for every channel of a long stream of short runs.
+// summed in T as the row sums have. 320 bytes a channel (float), so that a thread can
+// keep one for every channel of a long stream of short runs.
 template <typename T>
 struct LaneSums {
   static constexpr int64_t kLanes = 128 / static_cast<int64_t>(sizeof(T));
