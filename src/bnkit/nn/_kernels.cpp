@@ -204,6 +204,29 @@ int run_threads(int64_t runs) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), runs)));
 }
 
+// Items [0, n) (NCHW runs or channels-fastest rows, item_bytes each) split in nt
+// contiguous ranges, one per thread (the split of the statistics pass); each range goes
+// to body(begin, end) in blocks: after a statistics pass (reverse) blocks of kBackBlock
+// bytes, last first, so that a thread finds what it read last still in cache; else the
+// whole range as one block.
+template <typename F>
+void blocked_ranges(int64_t n, int nt, int64_t item_bytes, int64_t numel, bool reverse,
+                    const F& body) {
+  const int64_t per_block = std::max<int64_t>(1, kBackBlock / std::max<int64_t>(item_bytes, 1));
+  parallel(nt, numel, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = n * t / nt, i1 = n * (t + 1) / nt;
+      const int64_t blk = reverse ? per_block : std::max<int64_t>(1, i1 - i0);
+      const int64_t nb = (i1 - i0 + blk - 1) / blk;
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t b = reverse ? nb - 1 - k : k;
+        const int64_t rb = i0 + b * blk;
+        body(rb, std::min(i1, rb + blk));
+      }
+    }
+  });
+}
+
 // The output tensor, like x. Large outputs are often fresh memory from the OS (glibc maps
 // every block of 32 MiB or more anew, and gives smaller ones back when the top of its heap
 // holds more than twice its current mmap threshold free), and the first write to each
@@ -508,6 +531,20 @@ Ptrs<T> rows_from(const Ptrs<T>& p, int64_t offset) {
   return q;
 }
 
+// Per-thread partial sums (nt blocks of (sum1[C], sum2[C])) merged in thread order.
+void merge_partials(const std::vector<double>& part, int nt, int64_t C, double* sum1,
+                    double* sum2) {
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0, a2 = 0;
+    for (int t = 0; t < nt; ++t) {
+      a1 += part[t * 2 * C + c];
+      a2 += part[t * 2 * C + C + c];
+    }
+    sum1[c] = a1;
+    sum2[c] = a2;
+  }
+}
+
 // Per-channel (sum u, sum v) of the Op over a channels-fastest (R, C) input.
 template <typename T, typename O>
 void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
@@ -586,15 +623,7 @@ void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, dou
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double a1 = 0, a2 = 0;
-    for (int t = 0; t < nt; ++t) {
-      a1 += part[t * 2 * C + c];
-      a2 += part[t * 2 * C + C + c];
-    }
-    sum1[c] = a1;
-    sum2[c] = a2;
-  }
+  merge_partials(part, nt, C, sum1, sum2);
 }
 
 template <typename T, typename O>
@@ -704,36 +733,25 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
     // runs (n, c) in order, split as in nchw_sums; blocks of runs (kBackBlock) last to
     // first after a statistics pass (reverse), each written front to back
     const int64_t L = lo.L, runs = lo.N * C;
-    const int nt = run_threads(runs);
-    parallel(nt, runs * L, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = runs * t / nt, i1 = runs * (t + 1) / nt;
-        const int64_t run_bytes = std::max<int64_t>(1, L * static_cast<int64_t>(sizeof(T)));
-        const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / run_bytes)
-                                    : std::max<int64_t>(1, i1 - i0);
-        const int64_t nb = (i1 - i0 + blk - 1) / blk;
-        for (int64_t kb = 0; kb < nb; ++kb) {
-          const int64_t b = reverse ? nb - 1 - kb : kb;
-          const int64_t rb = i0 + b * blk, re = std::min(i1, rb + blk);
-          int64_t c = rb % C;
-          if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
-            for (int64_t i = rb; i < re; ++i) {
-              out_span<T, O>(p.out + i * L, O::kSecond ? p.out2 + i * L : nullptr, p, i * L, L,
-                             ka.at(c));
-              if (++c == C) c = 0;
-            }
-            continue;
-          }
-          Writer<T> w(p.out + rb * L, stream);
-          Writer<T> w2(O::kSecond ? p.out2 + rb * L : nullptr, stream);
-          for (int64_t i = rb; i < re; ++i) {
-            out_run<T, O>(w, &w2, p, i * L, L, ka.at(c));
-            if (++c == C) c = 0;
-          }
-          w.finish();
-          if (O::kSecond) w2.finish();
+    blocked_ranges(runs, run_threads(runs), L * static_cast<int64_t>(sizeof(T)), runs * L,
+                   reverse, [&](int64_t rb, int64_t re) {
+      int64_t c = rb % C;
+      if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
+        for (int64_t i = rb; i < re; ++i) {
+          out_span<T, O>(p.out + i * L, O::kSecond ? p.out2 + i * L : nullptr, p, i * L, L,
+                         ka.at(c));
+          if (++c == C) c = 0;
         }
+        return;
       }
+      Writer<T> w(p.out + rb * L, stream);
+      Writer<T> w2(O::kSecond ? p.out2 + rb * L : nullptr, stream);
+      for (int64_t i = rb; i < re; ++i) {
+        out_run<T, O>(w, &w2, p, i * L, L, ka.at(c));
+        if (++c == C) c = 0;
+      }
+      w.finish();
+      if (O::kSecond) w2.finish();
     });
     return;
   }
@@ -761,24 +779,13 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
   // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
   // rows (kBackBlock) are taken last to first, so that the rows a thread read last are
   // still in cache; each block is written front to back.
-  const int nt = row_threads(lo.R);
-  parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = lo.R * t / nt, r1 = lo.R * (t + 1) / nt;
-      const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
-      const int64_t blk = reverse ? std::max<int64_t>(1, kBackBlock / row_bytes)
-                                  : std::max<int64_t>(1, r1 - r0);
-      const int64_t nb = (r1 - r0 + blk - 1) / blk;
-      for (int64_t k = 0; k < nb; ++k) {
-        const int64_t b = reverse ? nb - 1 - k : k;
-        const int64_t rb = r0 + b * blk, re = std::min(r1, rb + blk);
-        Writer<T> w(p.out + rb * C, stream);
-        Writer<T> w2(O::kSecond ? p.out2 + rb * C : nullptr, stream);
-        for (int64_t r = rb; r < re; ++r) out_row<T, O>(w, &w2, p, r * C, C, ka);
-        w.finish();
-        if (O::kSecond) w2.finish();
-      }
-    }
+  blocked_ranges(lo.R, row_threads(lo.R), C * static_cast<int64_t>(sizeof(T)), lo.R * C,
+                 reverse, [&](int64_t rb, int64_t re) {
+    Writer<T> w(p.out + rb * C, stream);
+    Writer<T> w2(O::kSecond ? p.out2 + rb * C : nullptr, stream);
+    for (int64_t r = rb; r < re; ++r) out_row<T, O>(w, &w2, p, r * C, C, ka);
+    w.finish();
+    if (O::kSecond) w2.finish();
   });
 }
 
@@ -912,15 +919,7 @@ void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double*
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double a1 = 0, a2 = 0;
-    for (int t = 0; t < nt; ++t) {
-      a1 += part[t * 2 * C + c];
-      a2 += part[t * 2 * C + C + c];
-    }
-    sum1[c] = a1;
-    sum2[c] = a2;
-  }
+  merge_partials(part, nt, C, sum1, sum2);
 }
 
 // A per-channel tensor (any float dtype, any stride) as C doubles; `fill` when absent.
