@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 // x86 intrinsics (non-temporal stores) only where the compiler targets x86 and the build
@@ -798,16 +799,11 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
 template <typename T>
 struct LaneSums {
   static constexpr int64_t kLanes = 128 / static_cast<int64_t>(sizeof(T));
-  alignas(64) T q1[kLanes];
-  alignas(64) T q2[kLanes];
+  alignas(64) T q1[kLanes] = {};
+  alignas(64) T q2[kLanes] = {};
   double d1 = 0, d2 = 0;
   int64_t count = 0;  // values per lane in q1, q2 (at most kChunk)
 
-  void reset() {
-    for (int64_t j = 0; j < kLanes; ++j) q1[j] = q2[j] = T(0);
-    d1 = d2 = 0.0;
-    count = 0;
-  }
   void flush() {
     double a1 = 0, a2 = 0;
     for (int64_t j = 0; j < kLanes; ++j) {
@@ -900,15 +896,14 @@ void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double*
       const int64_t i0 = runs * t / nt, i1 = runs * (t + 1) / nt;
       const int64_t cfirst = i1 - i0 >= C ? 0 : i0 % C;
       const int64_t ncov = std::min(C, i1 - i0);  // channels this range touches
-      std::vector<LaneSums<T>> acc(static_cast<size_t>(ncov));
-      for (auto& a : acc) a.reset();
+      std::vector<LaneSums<T>> acc(static_cast<size_t>(ncov));  // channel cfirst + j at j
       int64_t c = i0 % C;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t base = i * L;
-        int64_t j = c - cfirst;
-        if (j < 0) j += C;
-        acc[static_cast<size_t>(j)].template add<O>(p.x + base, O::kReadsGo ? p.go + base : nullptr,
-                                                    O::kReadsR ? p.r + base : nullptr, L, ka.at(c));
+        const T* go = O::kReadsGo ? p.go + base : nullptr;
+        const T* r = O::kReadsR ? p.r + base : nullptr;
+        const int64_t j = c >= cfirst ? c - cfirst : c - cfirst + C;
+        acc[static_cast<size_t>(j)].template add<O>(p.x + base, go, r, L, ka.at(c));
         if (++c == C) c = 0;
       }
       double* p1 = part.data() + t * 2 * C;
@@ -1136,38 +1131,49 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
     double* fc = fcoef.defined() ? fcoef.data_ptr<double>() : nullptr;
     const double* wp = wd.data();
     const double* bp = bd.data();
-    auto coef = [&](int64_t c, double a1, double a2, double sh, double* ka, double* ko,
-                    double* kz) {
-      const double lo_mean = a1 / n;
-      const double v0 = a2 / n - lo_mean * lo_mean;
-      const double v = v0 < 0.0 ? 0.0 : v0;  // keeps NaN (std::max(0.0, NaN) is 0)
-      mp[c] = sh + lo_mean;
-      vp[c] = v;
-      const double a = wp[c] / std::sqrt(v + eps);
-      *ka = a;
-      *ko = 0;
-      *kz = bp[c] - lo_mean * a;
-      if (fc) {  // exactly what the output loop uses: values of T
-        fc[c] = static_cast<double>(static_cast<T>(sh));
-        fc[C + c] = static_cast<double>(static_cast<T>(a));
-        fc[2 * C + c] = static_cast<double>(static_cast<T>(*kz));
-      }
-    };
     shifts(p.x, lo, s.data());
     KArrays<T> ka(C);
     for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(s[c]);
     row_sums<T, Op<T, kStats, kNoAct, false>>(p, lo, ka, s1.data(), s2.data());
-    double kx = 0, ko = 0, k0 = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      coef(c, s1[c], s2[c], s[c], &kx, &ko, &k0);
-      ka.kx()[c] = static_cast<T>(kx);
-      ka.k0()[c] = static_cast<T>(k0);
+    for (int64_t c = 0; c < C; ++c) {  // statistics and the output's coefficients
+      const double lo_mean = s1[c] / n;
+      const double v0 = s2[c] / n - lo_mean * lo_mean;
+      const double v = v0 < 0.0 ? 0.0 : v0;  // keeps NaN (std::max(0.0, NaN) is 0)
+      mp[c] = s[c] + lo_mean;
+      vp[c] = v;
+      const double a = wp[c] / std::sqrt(v + eps);
+      ka.kx()[c] = static_cast<T>(a);
+      ka.k0()[c] = static_cast<T>(bp[c] - lo_mean * a);
+      if (fc) {  // exactly what the output loop uses: values of T
+        fc[c] = static_cast<double>(ka.s()[c]);
+        fc[C + c] = static_cast<double>(ka.kx()[c]);
+        fc[2 * C + c] = static_cast<double>(ka.k0()[c]);
+      }
     }
     if (!want_y) return;
     with_op<T, kFwd>(act, p.r != nullptr,
                      [&](auto op) { channel_map<T, decltype(op)>(p, lo, ka, true); });
   });
   return {y, mean, var, fcoef};
+}
+}  // namespace
+
+// sum(g * xhat) from the kernels' sums sum(g) and sum(g * (x - s)), s the mean rounded to
+// the input type (lo_c = mean - s, what the rounding missed): sum(g * (x - mean)) * invstd.
+namespace {
+// The weight and bias gradients from sum(g * xhat) and sum(g), in the weight's dtype (x's
+// without weight; no weight gradient then).
+std::pair<at::Tensor, at::Tensor> param_grads(const c10::optional<at::Tensor>& w,
+                                              const at::Tensor& x,
+                                              const std::vector<double>& gxhat,
+                                              const std::vector<double>& gsum) {
+  const bool has_w = has(w);
+  const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
+  return {has_w ? tensor_of(gxhat, pdt) : at::Tensor(), tensor_of(gsum, pdt)};
+}
+
+inline double sum_g_xhat(double sum_g, double sum_gd, double lo_c, double invstd) {
+  return (sum_gd - lo_c * sum_g) * invstd;
 }
 }  // namespace
 
@@ -1223,18 +1229,6 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
     const double* wp = wd.data();
     double* gs = gsum.data();
     double* gh = gxhat.data();
-    auto coef = [&](int64_t c, double a1, double a2, double sh, double* ka, double* ko_,
-                    double* kz) {
-      const double lo_c = mp[c] - sh;  // what the rounded shift missed
-      const double sxh = (a2 - lo_c * a1) * ip[c];
-      gs[c] = a1;
-      gh[c] = sxh;
-      const double a = wp[c] * ip[c];
-      const double kd = -a * ip[c] * sxh / n;
-      *ko_ = a;
-      *ka = kd;
-      *kz = -a * a1 / n - kd * lo_c;
-    };
     Ptrs<T> p;
     p.x = x.data_ptr<T>();
     p.go = go.data_ptr<T>();
@@ -1263,12 +1257,15 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
     with_op<T, kBwd>(act, p.r != nullptr, [&](auto op) {
       using O = decltype(op);
       row_sums<T, O>(p, lo, ka, sg.data(), sgd.data());
-      double kx = 0, ko = 0, k0 = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        coef(c, sg[c], sgd[c], s[c], &kx, &ko, &k0);
-        ka.kx()[c] = static_cast<T>(kx);
-        ka.ko()[c] = static_cast<T>(ko);
-        ka.k0()[c] = static_cast<T>(k0);
+      for (int64_t c = 0; c < C; ++c) {  // the sums and grad_x's coefficients
+        const double lo_c = mp[c] - s[c];  // what the rounded shift missed
+        gs[c] = sg[c];
+        gh[c] = sum_g_xhat(sg[c], sgd[c], lo_c, ip[c]);
+        const double a = wp[c] * ip[c];
+        const double kd = -a * ip[c] * gh[c] / n;
+        ka.kx()[c] = static_cast<T>(kd);
+        ka.ko()[c] = static_cast<T>(a);
+        ka.k0()[c] = static_cast<T>(-a * sg[c] / n - kd * lo_c);
       }
       if (p.out) channel_map<T, O>(p, lo, ka, true);
     });
@@ -1277,9 +1274,8 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
   if (raw_sums) {
     out = {gx, tensor_of(gxhat, at::kDouble), tensor_of(gsum, at::kDouble)};
   } else {
-    const bool has_w = has(w);
-    const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
-    out = {gx, has_w ? tensor_of(gxhat, pdt) : at::Tensor(), tensor_of(gsum, pdt)};
+    const auto [gw, gb] = param_grads(w, x, gxhat, gsum);
+    out = {gx, gw, gb};
   }
   out.push_back(gr);
   return out;
@@ -1366,9 +1362,8 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
       p.go = go.data_ptr<T>();
       row_sums<T, Op<T, kBwd, kNoAct, false>>(p, lo, ka, sg.data(), sgd.data());
       for (int64_t c = 0; c < C; ++c) {
-        const double lo_c = md[c] - static_cast<double>(static_cast<T>(md[c]));
         gsum[c] = sg[c];
-        gxhat[c] = (sgd[c] - lo_c * sg[c]) * id[c];
+        gxhat[c] = sum_g_xhat(sg[c], sgd[c], md[c] - static_cast<double>(ka.s()[c]), id[c]);
       }
     }
     if (need_gx) {  // go * a as the forward's output loop: (go - 0) * a + 0
@@ -1380,13 +1375,8 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
       channel_map<T, Op<T, kFwd, kNoAct, false>>(p, lo, ka, need_sums);
     }
   });
-  at::Tensor gw, gb;
-  if (need_sums) {
-    const bool has_w = has(w);
-    const at::ScalarType pdt = has_w ? w->scalar_type() : x.scalar_type();
-    if (has_w) gw = tensor_of(gxhat, pdt);
-    gb = tensor_of(gsum, pdt);
-  }
+  if (!need_sums) return {gx, at::Tensor(), at::Tensor()};
+  const auto [gw, gb] = param_grads(w, x, gxhat, gsum);
   return {gx, gw, gb};
 }
 

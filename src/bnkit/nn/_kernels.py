@@ -269,15 +269,11 @@ class FastPath:
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The eval-mode backward: (grad_output * weight * invstd or None, and when
         ``need_sums`` sum(grad_output * (x - running_mean)) * invstd (None without weight)
-        and sum(grad_output), in the weight's dtype)."""
+        and sum(grad_output), in the weight's dtype; None where not asked for)."""
         gx, gw, gb = self._mod.backward_eval(
             grad_out, x, weight, running_mean, running_var, eps, need_grad_input, need_sums
-        )
-        return (
-            gx if need_grad_input else None,
-            gw if need_sums and weight is not None else None,
-            gb if need_sums else None,
-        )
+        )  # (the extension gives None for what it did not compute)
+        return gx, gw, gb
 
     def grad_apply(
         self,
