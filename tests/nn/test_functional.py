@@ -33,36 +33,41 @@ def test_never_calls_torch_batch_norm(monkeypatch: pytest.MonkeyPatch) -> None:
     b.eval()(x).sum().backward()
 
 
-@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("shape", [(4, 3), (3, 2, 4), (2, 3, 3, 2), (2, 2, 2, 2, 3)])
 def test_gradcheck_and_gradgradcheck_training(affine: str, shape: tuple[int, ...]) -> None:
     x = random_input(shape, torch.float64, seed=7).requires_grad_()
     c = shape[1]
-    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_() if affine != "none" else None
-    b = torch.randn(c, dtype=torch.float64).requires_grad_() if affine == "both" else None
+    w = None
+    if affine in ("both", "weight"):
+        w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_() if affine in ("both", "bias") else None
     inputs = tuple(t for t in (x, w, b) if t is not None)
 
     def f(*args: torch.Tensor) -> torch.Tensor:
-        xx = args[0]
-        ww = args[1] if w is not None else None
-        bb = args[2] if b is not None else None
-        return BF.batch_norm(xx, None, None, ww, bb, training=True, eps=1e-3)
+        rest = iter(args[1:])
+        ww = next(rest) if w is not None else None
+        bb = next(rest) if b is not None else None
+        return BF.batch_norm(args[0], None, None, ww, bb, training=True, eps=1e-3)
 
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-def test_gradcheck_and_gradgradcheck_eval() -> None:
+@pytest.mark.parametrize("affine", ["both", "bias"])
+def test_gradcheck_and_gradgradcheck_eval(affine: str) -> None:
     x = random_input((3, 2, 4, 2), torch.float64).requires_grad_()
     w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(2, dtype=torch.float64).requires_grad_()
     rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
 
-    def f(xx: torch.Tensor, ww: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+    def f(xx: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ww, bb = params if affine == "both" else (None, params[0])
         return BF.batch_norm(xx, rm, rv, ww, bb, training=False)
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
-    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    inputs = (x, w, b) if affine == "both" else (x, b)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -152,6 +152,20 @@ def test_gradcheck_float64(channels_last: bool, act: str) -> None:
     assert torch.autograd.gradgradcheck(f, (x, r, w, b), eps=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_gradcheck_residual_of_a_layer_without_affine(act: str | None) -> None:
+    # the residual is the autograd node's second tensor input here (no weight, no bias)
+    x = random_input((5, 3, 4, 4), torch.float64, 7).requires_grad_()
+    r = random_input((5, 3, 4, 4), torch.float64, 8).requires_grad_()
+    m = _layer(3, 4, torch.float64, affine=False)
+
+    def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return batch_norm_act(m, x, r, act)
+
+    assert torch.autograd.gradcheck(f, (x, r), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(f, (x, r), eps=1e-6, atol=1e-4)
+
+
 def _with_params(m, w, b, x, r, act):  # type: ignore[no-untyped-def]
     """batch_norm_act with the layer's weight and bias replaced by w, b (gradcheck's
     inputs), in training mode without touching the layer's statistics."""

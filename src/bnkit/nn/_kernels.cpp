@@ -1417,3 +1417,170 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
   });
   return gx;
 }
+
+// ------------------------------------------------------------------ autograd nodes
+//
+// The layers' autograd Functions, as C++ nodes: a Python autograd.Function costs a few
+// microseconds per call forward and backward (the ctx object, the engine's round trip
+// through Python), most of a small layer's time. Under a double backward (grad mode on in
+// the backward) the gradient must be built from differentiable ops: the nodes hand over
+// to bnkit's Python closed form, registered by set_graph_backward.
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// (train, eval) Python callables: never freed (they may be called until the interpreter
+// exits, and a static py::object would be destroyed after it)
+py::object* g_graph_train = nullptr;
+py::object* g_graph_eval = nullptr;
+
+using OptTensor = c10::optional<at::Tensor>;
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
+
+at::Tensor tensor_or_undefined(const OptTensor& t) { return has(t) ? *t : at::Tensor(); }
+
+py::object py_tensor(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+
+// The Python backward's result: a tuple of tensors or None.
+variable_list from_python(const py::object& r, size_t n) {
+  const auto seq = r.cast<py::sequence>();
+  TORCH_CHECK(seq.size() == n, "bnkit: the Python backward returned ", seq.size(),
+              " gradients, expected ", n);
+  variable_list out;
+  for (size_t i = 0; i < n; ++i) {
+    const py::object o = seq[i];
+    out.push_back(o.is_none() ? at::Tensor() : o.cast<at::Tensor>());
+  }
+  return out;
+}
+
+// Inputs: x, weight, bias, residual (undefined = absent), running_mean, running_var
+// (updated in place with factor f; not graph inputs in any useful sense: they never
+// require grad on this path), then f, eps, act. Outputs: y, mean, var (float64; not
+// differentiable).
+struct TrainFn : public torch::autograd::Function<TrainFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& w,
+                               const OptTensor& b, const OptTensor& residual,
+                               const OptTensor& rm, const OptTensor& rv, double f, double eps,
+                               int64_t act) {
+    auto r = forward_train(x, w, b, eps, rm, rv, f, residual, act);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["has_bias"] = has(b);
+    ctx->saved_data["has_residual"] = has(residual);
+    // the activation's gate needs the residual (and the double backward the bias)
+    ctx->save_for_backward({x, tensor_or_undefined(w), r[1], r[2],
+                            act ? tensor_or_undefined(residual) : at::Tensor(), r[3],
+                            act ? tensor_or_undefined(b) : at::Tensor()});
+    ctx->mark_non_differentiable({r[1], r[2]});
+    ctx->set_materialize_grads(false);  // no zero gradients made for mean and var
+    return {r[0], r[1], r[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);
+    const at::Tensor& go = grads[0];
+    if (!go.defined()) return out;
+    const auto s = ctx->get_saved_variables();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t act = ctx->saved_data["act"].toInt();
+    // needs_input_grad counts the tensors given (absent optional ones have no edge)
+    const bool hw = s[1].defined(), hb = ctx->saved_data["has_bias"].toBool();
+    const bool nx = ctx->needs_input_grad(0), nw = hw && ctx->needs_input_grad(1);
+    const bool nb = hb && ctx->needs_input_grad(1 + hw);
+    const bool nr = ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(1 + hw + hb);
+    if (at::GradMode::is_enabled()) {
+      TORCH_CHECK(g_graph_train != nullptr, "bnkit: no Python backward registered");
+      py::gil_scoped_acquire gil;
+      const auto r = from_python(
+          (*g_graph_train)(go, s[0], py_tensor(s[1]), py_tensor(s[6]), s[2], s[3],
+                           py_tensor(s[4]), eps, act, py::make_tuple(nx, nw, nb), nr),
+          4);
+      std::copy(r.begin(), r.end(), out.begin());
+      return out;
+    }
+    auto r = backward_train(go, s[0], opt(s[1]), s[2], s[3], eps, false, nx, false,
+                            act ? opt(s[4]) : c10::nullopt, act, opt(s[5]));
+    if (nx) out[0] = r[0];
+    if (nw) out[1] = r[1];
+    if (nb) out[2] = r[2];
+    // without an activation the add passes the gradient on unchanged
+    if (nr) out[3] = r[3].defined() ? r[3] : go;
+    return out;
+  }
+};
+
+// Inputs: x, weight, bias (undefined = absent), running_mean, running_var, then eps.
+struct EvalFn : public torch::autograd::Function<EvalFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& w,
+                            const OptTensor& b, const at::Tensor& rm, const at::Tensor& rv,
+                            double eps) {
+    at::Tensor y = forward_eval(x, rm, rv, w, b, eps, c10::nullopt, kNoAct);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = has(b);
+    ctx->save_for_backward({x, tensor_or_undefined(w), rm, rv});
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);
+    const at::Tensor& go = grads[0];
+    if (!go.defined()) return out;
+    const auto s = ctx->get_saved_variables();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool hw = s[1].defined();
+    const bool nx = ctx->needs_input_grad(0), nw = hw && ctx->needs_input_grad(1);
+    const bool nb = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1 + hw);
+    if (at::GradMode::is_enabled()) {
+      TORCH_CHECK(g_graph_eval != nullptr, "bnkit: no Python backward registered");
+      py::gil_scoped_acquire gil;
+      const auto r = from_python((*g_graph_eval)(go, s[0], py_tensor(s[1]), s[2], s[3], eps,
+                                                 py::make_tuple(nx, nw, nb)),
+                                 3);
+      std::copy(r.begin(), r.end(), out.begin());
+      return out;
+    }
+    auto r = backward_eval(go, s[0], opt(s[1]), s[2], s[3], eps, nx, nw || nb);
+    if (nx) out[0] = r[0];
+    if (nw) out[1] = r[1];
+    if (nb) out[2] = r[2];
+    return out;
+  }
+};
+
+}  // namespace
+
+// The Python closed forms the nodes call under a double backward: train(grad_out, x,
+// weight, bias, mean, var, residual, eps, act, (need_x, need_w, need_b), need_residual) ->
+// (gx, gw, gb, g_residual); eval(grad_out, x, weight, running_mean, running_var, eps,
+// needs) -> (gx, gw, gb).
+void set_graph_backward(py::object train, py::object eval) {
+  if (g_graph_train == nullptr) {
+    g_graph_train = new py::object(std::move(train));
+    g_graph_eval = new py::object(std::move(eval));
+  } else {
+    *g_graph_train = std::move(train);
+    *g_graph_eval = std::move(eval);
+  }
+}
+
+// forward_train (running buffers updated in place) as an autograd node: (y, mean, var).
+std::vector<at::Tensor> train_fn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
+                                 const c10::optional<at::Tensor>& b,
+                                 const c10::optional<at::Tensor>& residual,
+                                 const c10::optional<at::Tensor>& running_mean,
+                                 const c10::optional<at::Tensor>& running_var, double f,
+                                 double eps, int64_t act) {
+  return TrainFn::apply(x, w, b, residual, running_mean, running_var, f, eps, act);
+}
+
+// forward_eval as an autograd node.
+at::Tensor eval_fn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
+                   const c10::optional<at::Tensor>& b, const at::Tensor& running_mean,
+                   const at::Tensor& running_var, double eps) {
+  return EvalFn::apply(x, w, b, running_mean, running_var, eps);
+}

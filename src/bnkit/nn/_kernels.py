@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 __all__ = [
@@ -121,6 +122,9 @@ def _build() -> Any:
             "backward_eval",
             "stats",
             "grad_apply",
+            "train_fn",
+            "eval_fn",
+            "set_graph_backward",
         ],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -141,7 +145,10 @@ def get() -> Any:
     with _lock:
         if _module is None and (_failed is None or choice == "cpp"):
             try:
-                _module = _build()
+                module = _build()
+                if _graph_backward is not None:
+                    module.set_graph_backward(*_graph_backward)
+                _module = module
                 _failed = None
             except Exception as exc:  # no compiler, no headers, ...
                 _failed = f"{type(exc).__name__}: {exc}"
@@ -156,6 +163,19 @@ def get() -> Any:
                     stacklevel=3,
                 )
     return _module
+
+
+_graph_backward: tuple[Any, Any] | None = None
+
+
+def register_graph_backward(train: Any, eval: Any) -> None:
+    """The differentiable (torch-op) training and eval backwards that the C++ autograd
+    nodes call under a double backward (see ``set_graph_backward`` in _kernels.cpp);
+    registered by ``bnkit.nn.functional`` (which this module does not import)."""
+    global _graph_backward
+    _graph_backward = (train, eval)
+    if _module is not None:
+        _module.set_graph_backward(train, eval)
 
 
 def failure() -> str | None:
@@ -275,6 +295,40 @@ class FastPath:
         )  # (the extension gives None for what it did not compute)
         return gx, gw, gb
 
+    def train_node(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        eps: float,
+        running: tuple[Tensor, Tensor, float] | None = None,
+        residual: Tensor | None = None,
+        act: int = 0,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward_train` as an autograd node (a C++ one: no Python in the forward
+        or backward call): (y, mean, var), the statistics not differentiable. Its backward
+        is :meth:`backward_train`'s kernel, or the registered differentiable form under a
+        double backward."""
+        rm, rv, f = running if running is not None else (None, None, 0.0)
+        y, mean, var = self._mod.train_fn(x, weight, bias, residual, rm, rv, f, eps, act)
+        return y, mean, var
+
+    def eval_node(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        *,
+        eps: float,
+    ) -> Tensor:
+        """:meth:`forward_eval` as a C++ autograd node (backward: :meth:`backward_eval`'s
+        kernel, or the registered differentiable form under a double backward)."""
+        y: Tensor = self._mod.eval_fn(x, weight, bias, running_mean, running_var, eps)
+        return y
+
     def grad_apply(
         self,
         grad_out: Tensor,
@@ -294,10 +348,14 @@ _fast: FastPath | None = None
 
 
 def capturing(x: Tensor) -> bool:
-    """A graph is being captured: the op must be an ordinary torch op, not a C++ call.
-    (The legacy ONNX exporter traces, so the tracing state covers it.)"""
+    """A graph is being captured, or forward-mode AD is on: the op must be an ordinary
+    torch op (or a Function with a forward derivative), not a C++ call. (The legacy ONNX
+    exporter traces, so the tracing state covers it; inside a
+    ``torch.autograd.forward_ad.dual_level`` any tensor may carry a tangent, which the
+    kernels would drop.)"""
     return (
-        torch.compiler.is_compiling()
+        _forward_ad._current_level >= 0
+        or torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
         or torch.jit.is_scripting()
         or _under_functorch(x)

@@ -482,62 +482,105 @@ class _TrainNorm(torch.autograd.Function):
         ctx.has_bias = _bias is not None
         ctx.mark_non_differentiable(mean, var)
         ctx.save_for_backward(x, weight, mean, var, None, None)
+        ctx.save_for_forward(x, weight, mean, var)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
         return _train_norm_backward(ctx, grad_out)[:4]
 
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, _teps: Any
+    ) -> tuple[Tensor, None, None]:
+        """Forward-mode derivative (``torch.autograd.forward_ad``, ``torch.func.jvp``):
+        with ``xhat = (x - mean) * invstd`` over the n values of a channel,
+        ``d xhat = invstd * (dx - mean(dx) - xhat * mean(xhat * dx))`` and
+        ``dy = d xhat * weight + xhat * dweight + dbias``. The statistics are
+        non-differentiable outputs (no tangent), as their backward has no gradient."""
+        x, weight, mean, var = ctx.saved_tensors
+        return _train_jvp(x, weight, mean, var, ctx.eps, tx, tw, tb), None, None
+
+
+def _train_jvp(
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    tx: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
+) -> Tensor:
+    """The tangent of the training-mode output (see :meth:`_TrainNorm.jvp`); the
+    per-channel means in the accumulation dtype, the rest in the compute dtype."""
+    cdt = _compute_dtype(x)
+    shape = channel_shape(x)
+    n = x.numel() // x.shape[1]
+    invstd = inv_std(var, eps).to(cdt).view(shape)
+    xhat = (x.to(cdt) - mean.to(cdt).view(shape)) * invstd
+    ty = torch.zeros_like(xhat)
+    if tx is not None:
+        t = tx.to(cdt)
+        mean_t = (_channel_sum(t) / n).to(cdt).view(shape)
+        mean_xhat_t = (_channel_sum(xhat, t) / n).to(cdt).view(shape)
+        ty = (t - mean_t - xhat * mean_xhat_t) * invstd
+        if weight is not None:
+            ty = ty * weight.to(cdt).view(shape)
+    if tw is not None:
+        ty = ty + xhat * tw.to(cdt).view(shape)
+    if tb is not None:
+        ty = ty + tb.to(cdt).view(shape)
+    return ty.to(x.dtype)
+
 
 def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
-    """Backward of both training Functions: the fast path's kernel when no graph is being
-    built, else the differentiable closed form with the statistics recomputed from x.
-    Returns the gradients of (x, weight, bias, eps, residual): a fused activation
-    (``ctx.act``, only on the fast path) gates ``grad_out`` first, and the residual's
-    gradient is the gated gradient."""
-    x, weight, mean, var, residual, coef = ctx.saved_tensors
-    act = getattr(ctx, "act", 0)
+    """Backward of the plain training Function: :func:`train_graph_backward` with the
+    statistics recomputed differentiably from x under a double backward."""
+    x, weight, mean, var, _residual, _coef = ctx.saved_tensors
     needs = (
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         ctx.needs_input_grad[2] and ctx.has_bias,
     )
-    need_res = getattr(ctx, "needs_residual_grad", False)
+    gx, gw, gb, _ = train_graph_backward(
+        grad_out, x, weight, None, mean, var, None, ctx.eps, 0, needs, False
+    )
+    return gx, gw, gb, None
+
+
+def train_graph_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    residual: Tensor | None,
+    eps: float,
+    act: int,
+    needs: tuple[bool, bool, bool],
+    need_residual: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The training backward with torch's ops: (grad_x, grad_weight, grad_bias,
+    grad_residual), each None where not needed. Under grad mode (a double backward) the
+    statistics are recomputed differentiably from x, so that autograd differentiates the
+    closed form exactly. A fused activation ``act`` (whose pre-activation is recomputed
+    from x, ``bias`` and ``residual``) gates ``grad_out`` first; the residual's gradient
+    is the gated gradient. The fast path's autograd node calls this under a double
+    backward (``_kernels.register_graph_backward``)."""
     if torch.is_grad_enabled():
-        # Double backward: the statistics depend on x, so recompute them
-        # differentiably and let autograd differentiate the closed form.
         mean_c, var_c = differentiable_stats(x)
         mean, var = mean_c.to(var.dtype), var_c.to(var.dtype)
-    # the Function that ran the forward on the fast path says so (the plain one leaves it
-    # unset: it runs where the fast path is not usable, e.g. under torch.func)
-    fast = None if torch.is_grad_enabled() else getattr(ctx, "fast", None)
-    if fast is not None:
-        gx, gw, gb, gres = fast.backward_train(
-            grad_out,
-            x,
-            weight,
-            mean,
-            var=var,
-            eps=ctx.eps,
-            need_grad_input=needs[0],
-            raw_sums=False,
-            act=act,
-            coef=coef,
-            residual=residual if act else None,
-        )
-        keep = [g if need else None for g, need in zip((gx, gw, gb), needs, strict=True)]
-        if need_res and gres is None:
-            gres = grad_out  # no activation: the add passes the gradient on unchanged
-        return (*keep, None, gres if need_res else None)
-    invstd = inv_std(var, ctx.eps)
-    if act:  # (only the fast path's Function fuses: here a graph is being built)
+    invstd = inv_std(var, eps)
+    if act:
         shape = channel_shape(x)
-        scale, shift = _affine(weight, ctx.bias if ctx.has_bias else None, invstd)
+        scale, shift = _affine(weight, bias, invstd)
         pre = (x - mean.view(shape)) * scale.view(shape) + shift.view(shape)
         if residual is not None:
             pre = pre + residual
         grad_out = gate_activation(grad_out, pre, act)
     gx, gw, gb = train_backward(grad_out, x, weight, mean, invstd, needs)
-    return gx, gw, gb, None, (grad_out if need_res else None)
+    return gx, gw, gb, (grad_out if need_residual else None)
 
 
 def gate_activation(grad_out: Tensor, pre: Tensor, act: int) -> Tensor:
@@ -547,55 +590,6 @@ def gate_activation(grad_out: Tensor, pre: Tensor, act: int) -> Tensor:
     would be differentiated correctly too)."""
     dead = pre <= 0 if act == _kernels.ACTIVATIONS["relu"] else (pre <= 0) | (pre >= 6)
     return torch.where(dead, torch.zeros_like(grad_out), grad_out)
-
-
-# The non-tensor arguments of _FastTrainNorm as one tuple, (eps, fast path, running,
-# with_stats, act): Function.apply walks every argument (functorch's wrapper check), a
-# fraction of a microsecond each, on every call of every small layer.
-_FastOpts = tuple[float, "_kernels.FastPath", "tuple[Tensor, Tensor, float] | None", bool, int]
-
-
-class _FastTrainNorm(torch.autograd.Function):
-    """:class:`_TrainNorm` on the C++ fast path, as a classic Function (no per-call
-    signature binding; never used under torch.func transforms, which trace the plain one).
-    ``running`` is ``(running_mean, running_var, factor)`` or None: the kernel updates the
-    buffers in place in the same call (they are not inputs of the graph). Returns
-    ``(y, mean, var)`` when ``with_stats``, else ``y`` alone: the modules' path, where the
-    kernel has already updated the running statistics, so two outputs fewer are wrapped
-    and marked (this Function sits on the per-call overhead of small layers).
-    ``y = act(bn(x) + residual)`` with a residual and an activation code ``act`` (see
-    :func:`apply_batch_norm`)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        residual: Tensor | None,
-        opts: _FastOpts,
-    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        eps, fast, running, with_stats, act = opts
-        y, mean, var, coef = fast.forward_train(
-            x, weight, bias, eps=eps, running=running, residual=residual, act=act
-        )
-        ctx.eps = eps
-        ctx.fast = fast
-        ctx.has_bias = bias is not None
-        if act or residual is not None:
-            ctx.act = act
-            ctx.needs_residual_grad = residual is not None and residual.requires_grad
-            ctx.bias = bias  # the double backward recomputes the pre-activation
-        ctx.save_for_backward(x, weight, mean, var, residual if act else None, coef)
-        if not with_stats:
-            return y
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, *_stats: Tensor) -> Any:  # type: ignore[override]
-        gx, gw, gb, _eps, gres = _train_norm_backward(ctx, grad_out)
-        return gx, gw, gb, gres, None
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -638,62 +632,40 @@ def normalize_train(
         return y.to(x.dtype), empty, empty.clone()
     fast = _kernels.route(x)
     if fast is not None:
-        y, mean, var = _FastTrainNorm.apply(x, weight, bias, None, (eps, fast, None, True, 0))
+        y, mean, var = fast.train_node(x, weight, bias, eps=eps)
     else:
         y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
     return y, mean, var
 
 
-class _EvalNorm(torch.autograd.Function):
-    """Eval-mode normalization on the fast path, with its closed-form backward:
+def eval_graph_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The eval-mode backward with torch's ops, for a double backward through the fast
+    path's autograd node (which computes the first backward in one kernel call):
     ``dx = grad * weight * invstd``, ``dweight = sum(grad * (x - mean)) * invstd``,
-    ``dbias = sum(grad)``: one kernel call (the sums in one pass over x and grad before
-    the pass that writes dx); under a double backward, differentiable ops."""
+    ``dbias = sum(grad)``, each None where ``needs`` says it is not wanted."""
+    shape = channel_shape(x)
+    invstd = inv_std(running_var.to(torch.float64), eps)
+    a = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    gx = gw = gb = None
+    if needs[0]:
+        gx = grad_out * a.to(x.dtype).view(shape)
+    if needs[1] and weight is not None:
+        d = x - running_mean.to(x.dtype).view(shape)
+        gw = (_channel_sum(grad_out, d) * invstd).to(weight.dtype)
+    if needs[2]:
+        gb = _channel_sum(grad_out).to(weight.dtype if weight is not None else x.dtype)
+    return gx, gw, gb
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor,
-        running_var: Tensor,
-        eps: float,
-        fast: _kernels.FastPath,
-    ) -> Tensor:
-        # a classic Function (ctx in forward): no per-call signature binding; the fast
-        # path is never taken under torch.func transforms, which trace the plain one
-        y = fast.forward_eval(x, running_mean, running_var, weight, bias, eps=eps)
-        ctx.eps = eps
-        ctx.fast = fast
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, running_mean, running_var)
-        return y
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Any:  # type: ignore[override]
-        x, weight, running_mean, running_var = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        need_w = weight is not None and ctx.needs_input_grad[1]
-        need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if not torch.is_grad_enabled():  # one kernel call (no double backward)
-            gx, gw, gb = ctx.fast.backward_eval(
-                grad_out, x, weight, running_mean, running_var, eps=ctx.eps,
-                need_grad_input=need_x, need_sums=need_w or need_b,
-            )  # fmt: skip
-            return gx, gw if need_w else None, gb if need_b else None, None, None, None, None
-        shape = channel_shape(x)
-        invstd = inv_std(running_var.to(torch.float64), ctx.eps)
-        a = invstd if weight is None else weight.to(invstd.dtype) * invstd
-        gx = gw = gb = None
-        if need_x:
-            gx = grad_out * a.to(x.dtype).view(shape)
-        if need_w:
-            d = x - running_mean.to(x.dtype).view(shape)
-            gw = (_channel_sum(grad_out, d) * invstd).to(weight.dtype)
-        if need_b:
-            gb = _channel_sum(grad_out).to(weight.dtype if weight is not None else x.dtype)
-        return gx, gw, gb, None, None, None, None
+_kernels.register_graph_backward(train_graph_backward, eval_graph_backward)
 
 
 def normalize_eval(
@@ -715,17 +687,11 @@ def normalize_eval(
     stats_grad = running_mean.requires_grad or running_var.requires_grad
     fast = None if stats_grad else _kernels.route(x)
     if fast is not None:
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-            or (residual is not None and residual.requires_grad)
-        )
-        if not grad:  # inference: one pass, activation and residual included
+        if not _builds_graph(x, weight, bias, residual):  # one pass, act and residual too
             return fast.forward_eval(
                 x, running_mean, running_var, weight, bias, eps=eps, residual=residual, act=act
             )
-        y: Tensor = _EvalNorm.apply(x, weight, bias, running_mean, running_var, eps, fast)
+        y = fast.eval_node(x, weight, bias, running_mean, running_var, eps=eps)
         return finish_activation(y, residual, act)
     cdt = _compute_dtype(x)
     shape = channel_shape(x)
@@ -825,10 +791,15 @@ def apply_batch_norm(
         running = None
         if running_mean is not None and running_var is not None:
             running = (running_mean, running_var, float(factor))
-        y: Tensor = _FastTrainNorm.apply(
-            input, weight, bias, residual, (eps, fast, running, False, act)
-        )
-        return y
+        if not _builds_graph(input, weight, bias, residual):
+            # nothing to differentiate: the kernel alone (a Function's apply would add a
+            # few microseconds, most of a small layer's per-call cost)
+            return fast.forward_train(
+                input, weight, bias, eps=eps, running=running, residual=residual, act=act
+            )[0]
+        return fast.train_node(
+            input, weight, bias, eps=eps, running=running, residual=residual, act=act
+        )[0]
     y, mean, var = normalize_train(input, weight, bias, eps)
     if input.numel() > 0 and (running_mean is not None or running_var is not None):
         n = input.numel() // input.shape[1]
@@ -841,6 +812,19 @@ def apply_batch_norm(
             if running_var is not None:
                 running_var.copy_(new_var)
     return finish_activation(y, residual, act)
+
+
+def _builds_graph(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None
+) -> bool:
+    """Autograd records this call: grad mode is on and a tensor of it requires grad. (The
+    fast path is never taken under forward-mode AD: see ``_kernels.route``.)"""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    )
 
 
 def finish_activation(y: Tensor, residual: Tensor | None, act: int) -> Tensor:
