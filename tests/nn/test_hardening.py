@@ -153,6 +153,11 @@ def test_fast_path_checks_its_own_preconditions(backend: str) -> None:
         lambda: fast.backward_eval(
             x, x, ok, ok, ok, eps=-1.0, need_grad_input=True, need_sums=True
         ),
+        # the autograd nodes check through the kernels they call
+        lambda: fast.train_node(x.requires_grad_(False), ok, bad, eps=1e-5),
+        lambda: fast.train_node(x.to(torch.float16), ok, ok, eps=1e-5),
+        lambda: fast.eval_node(x, ok, ok, ok, bad, eps=1e-5),
+        lambda: fast.eval_node(x, ok, ok, ok, ok, eps=-1.0),
         lambda: fast.stats(x.transpose(2, 3)),  # neither contiguous nor channels_last
         lambda: fast.stats(x.to(torch.float16)),
     ]

@@ -1295,6 +1295,7 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   check_channel(running_var, C_in, fn, "running_var");
   check_channel(w, C_in, fn, "weight");
   check_channel(b, C_in, fn, "bias");
+  TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   const at::Tensor r = residual_like(residual, x_in, x, lo.fastest, fn);
