@@ -6,8 +6,14 @@ of one layer (inference: forward under ``torch.no_grad``; training: forward and
 ``.sum().backward()``), timed in turn with torch's (``interleaved_times``); the table gives
 the median microseconds per call and the ratio bnkit/torch.
 
-    python benchmarks/bench_small.py
+    python benchmarks/bench_small.py --allocator tcmalloc
     python benchmarks/bench_small.py --repeats 30 --threads 1
+
+With glibc's default allocator the (8, 64, 28, 28) rows move by 2x between runs and
+between versions of either library: each 1.6 MB output is freed to the top of the heap,
+which glibc trims and grows again (a page fault per 4 KiB) or not, depending on where
+small allocations happen to lie. ``--allocator tcmalloc`` (as in bench_batchnorm.py) keeps
+freed memory mapped.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from bench_batchnorm import _ALLOCATORS, _preload
 
 import bnkit
 from bnkit.lab.timing import interleaved_times
@@ -50,9 +57,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
     args = ap.parse_args()
+    if args.allocator != "default":
+        _preload(args.allocator)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s)")
+    print(
+        f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
+        f"allocator: {args.allocator}"
+    )
     print(f"{'shape':<18} {'case':<16} {'torch us':>9} {'bnkit us':>9} {'ratio':>6}")
     for grad in (False, True):
         for shape in SHAPES:
