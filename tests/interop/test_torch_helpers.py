@@ -233,3 +233,88 @@ def test_activation_checkpointing_and_saved_tensor_hooks(training: bool, hooks: 
         err_ours, err_torch = ((t.double() - d).abs().max().item() for t in (b, a))
         assert err_ours <= 2 * err_torch + 1e-6 * scale
     assert_same_state(ref, ours)
+
+
+class _Scale(nn.Module):
+    """A parametrization: the layer's weight is 0.5 + this tensor squared."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 0.5 + w * w
+
+
+def _modify(model: nn.Module, how: str) -> None:
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if how == "prune":  # network slimming: the smallest scales go to zero
+                prune.l1_unstructured(m, "weight", amount=0.4)
+                prune.random_unstructured(m, "bias", amount=0.3)
+            else:
+                parametrize.register_parametrization(m, "weight", _Scale())
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("training", [True, False])
+def test_pruned_and_parametrized_weights_are_used(how: str, training: bool) -> None:
+    # prune and parametrize take the weight out of _parameters and compute it on access:
+    # bnkit's layers must normalize with what they compute, as torch's do, and their
+    # gradients must reach the original tensors
+    ref, ours = pair()
+    for m in (ref, ours):
+        torch.manual_seed(3)  # the same random pruning of both
+        _modify(m, how)
+        m.train(training)
+    results = []
+    for m in (ref, ours):
+        x = batches(1)[0].requires_grad_()
+        y = m(x)
+        y.square().sum().backward()
+        results.append([y, x.grad, *(p.grad for p in m.parameters())])
+    # (a conv bias before a BatchNorm has a zero gradient, rounding noise on the scale of
+    # the gradients that cancel there: the slack is relative to the largest gradient)
+    scale = max(float(a.abs().max()) for a in results[0][1:])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+    assert_same_state(ref, ours)
+    if not training:  # folded into the convolution by torch's fuser, as torch's layer is
+        from torch.ao.quantization import fuse_modules
+
+        with torch.no_grad():
+            x = random_input((5, 3, 12, 12), seed=9)
+            before = ours(x)
+            # (in place: a pruned model cannot be deep-copied, torch's neither)
+            f_ref = fuse_modules(ref, [["0", "1"]], inplace=True)
+            f_ours = fuse_modules(ours, [["0", "1"]], inplace=True)
+            torch.testing.assert_close(f_ours(x), f_ref(x))
+            torch.testing.assert_close(f_ours(x), before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_call_and_ensembles_with_vmap(training: bool) -> None:
+    # torch.func.functional_call swaps parameters and buffers in for one call; with
+    # stack_module_state and vmap it runs an ensemble of models at once (eval mode: vmap
+    # cannot update running statistics in place, for torch's layers either)
+    ref, ours = pair()
+    params = {k: v.detach() * 1.5 for k, v in ref.named_parameters()}
+    x = batches(1)[0]
+    for m in (ref, ours):
+        m.train(training)
+    y_ref = torch.func.functional_call(ref, params, (x,))
+    y_ours = torch.func.functional_call(ours, params, (x,))
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+    if training:
+        return
+    copies = [pair() for _ in range(3)]
+    outs = []
+    for k in (0, 1):
+        models = [c[k].eval() for c in copies]
+        p, b = torch.func.stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+
+        def call(p, b, x, base=base):  # type: ignore[no-untyped-def]
+            return torch.func.functional_call(base, (p, b), (x,))
+
+        outs.append(torch.vmap(call, in_dims=(0, 0, None))(p, b, x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from bnkit.nn._tensors import layer_tensor
+
 __all__ = ["as_torch", "eval_op", "exporting", "register_fusers"]
 
 
@@ -75,7 +77,13 @@ def as_torch(m: Any) -> Module:
         device="meta",
     )
     for name in ("weight", "bias"):
-        new._parameters[name] = m._parameters.get(name)
+        if name in m._parameters:
+            new._parameters[name] = m._parameters[name]
+        else:
+            # pruned or parametrized (torch.nn.utils.prune/parametrize): torch's module
+            # gets the tensor they compute now, as a buffer
+            del new._parameters[name]
+            new.register_buffer(name, layer_tensor(m, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = m._buffers.get(name)
     new.train(m.training)

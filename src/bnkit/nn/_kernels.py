@@ -378,9 +378,10 @@ def _layout_ok(x: Tensor) -> bool:
 def route(x: Tensor) -> FastPath | None:
     """The fast path when ``x`` may take it, else None (the plain path): the one place
     that decides."""
-    if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0 or not _layout_ok(x):
+    if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0:
         return None
-    if capturing(x):
+    # (capture first: a vmap's batched tensor cannot be asked about channels_last)
+    if capturing(x) or not _layout_ok(x):
         return None
     global _fast
     mod = get()

@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from bnkit.nn import _export
 from bnkit.nn import functional as F
+from bnkit.nn._tensors import layer_tensor
 
 __all__ = [
     "is_batchnorm",
@@ -101,22 +102,31 @@ def count_batch(m: Any) -> float:
     return float(F.running_factor(None, int(m.num_batches_tracked)))
 
 
-def validate_layer(m: Any, input: Tensor, batch_stats: bool) -> None:
-    """:func:`~bnkit.nn.functional.validate` with every tensor of BatchNorm-like ``m``
-    (parameters or buffers, read straight from their dicts: ``Module.__getattr__`` costs a
-    fraction of a microsecond per name, and small layers pay it on every call)."""
-    params, buffers = m._parameters, m._buffers
-    weight = params["weight"] if "weight" in params else buffers.get("weight")
-    bias = params["bias"] if "bias" in params else buffers.get("bias")
+def validate_layer(
+    m: Any,
+    input: Tensor,
+    batch_stats: bool,
+    tensors: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None] | None = None,
+) -> None:
+    """:func:`~bnkit.nn.functional.validate` with every tensor of BatchNorm-like ``m``:
+    ``tensors`` = (running_mean, running_var, weight, bias) where the caller has read them
+    already, else read here (:func:`~bnkit.nn._tensors.layer_tensor`)."""
+    if tensors is None:
+        tensors = (
+            layer_tensor(m, "running_mean"),
+            layer_tensor(m, "running_var"),
+            layer_tensor(m, "weight"),
+            layer_tensor(m, "bias"),
+        )
     F.validate(
         input,
         where=m._layer_name(),
         batch_stats=batch_stats,
         eps=m.eps,
-        running_mean=buffers.get("running_mean"),
-        running_var=buffers.get("running_var"),
-        weight=weight,
-        bias=bias,
+        running_mean=tensors[0],
+        running_var=tensors[1],
+        weight=tensors[2],
+        bias=tensors[3],
         ranks=m._ranks,
         num_features=m.num_features,
         momentum=getattr(m, "momentum", None),
@@ -209,8 +219,8 @@ class BatchNormBase(TorchBatchNorm):
         ``bnkit.nn._kernels.ACTIVATIONS``), fused into the normalization's passes where the
         fast path runs: what :func:`bnkit.nn.fused.batch_norm_act` calls. ``residual``
         must have the input's shape, dtype and device (the caller checks)."""
-        buffers = self._buffers
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        running_mean = layer_tensor(self, "running_mean")
+        running_var = layer_tensor(self, "running_var")
         training = self.training
         bn_training = training or (running_mean is None and running_var is None)
         if not bn_training and _export.exporting():
@@ -219,20 +229,20 @@ class BatchNormBase(TorchBatchNorm):
             # torch.fx tracing through this layer (fx's default tracer makes only torch's
             # own modules leaves): record torch's ops, as tracing torch's layer does
             return F.finish_activation(TorchBatchNorm.forward(self, input), residual, act)
-        validate_layer(self, input, bn_training)
+        weight, bias = layer_tensor(self, "weight"), layer_tensor(self, "bias")
+        validate_layer(self, input, bn_training, (running_mean, running_var, weight, bias))
         factor = 0.0
         track = self.track_running_stats
-        if training and track and buffers.get("num_batches_tracked") is not None:
+        if training and track and layer_tensor(self, "num_batches_tracked") is not None:
             factor = count_batch(self)
         # Buffers are passed only where they are used or updated.
         use_buffers = not training or track
-        params = self._parameters
         return F.apply_batch_norm(
             input,
             running_mean if use_buffers else None,
             running_var if use_buffers else None,
-            params.get("weight"),
-            params.get("bias"),
+            weight,
+            bias,
             bn_training,
             factor,
             self.eps,
