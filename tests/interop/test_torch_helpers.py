@@ -318,3 +318,23 @@ def test_functional_call_and_ensembles_with_vmap(training: bool) -> None:
 
         outs.append(torch.vmap(call, in_dims=(0, 0, None))(p, b, x))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batched_gradients_and_vectorized_jacobian(training: bool) -> None:
+    # autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) run the backward
+    # under vmap: its gradient is a batched tensor, which no kernel can read (bnkit's
+    # nodes take torch's ops for it)
+    ref, ours = pair()
+    x = batches(1)[0][:2]
+    v = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    results = []
+    for m in (ref, ours):
+        m.train(training)
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(m(xi), xi, v, is_grads_batched=True)
+        small = x[:, :, :6, :6].contiguous()
+        jac = torch.autograd.functional.jacobian(m, small, vectorize=True)
+        results.append((g, jac))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))

@@ -1424,8 +1424,10 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
 // The layers' autograd Functions, as C++ nodes: a Python autograd.Function costs a few
 // microseconds per call forward and backward (the ctx object, the engine's round trip
 // through Python), most of a small layer's time. Under a double backward (grad mode on in
-// the backward) the gradient must be built from differentiable ops: the nodes hand over
-// to bnkit's Python closed form, registered by set_graph_backward.
+// the backward) the gradient must be built from differentiable ops, and a gradient
+// without storage (a vmap's batched tensor: autograd.grad(is_grads_batched=True),
+// jacobian(vectorize=True)) cannot go to a kernel: there the nodes hand over to bnkit's
+// Python closed form (torch ops), registered by set_graph_backward.
 
 namespace {
 
@@ -1493,7 +1495,7 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const bool nx = ctx->needs_input_grad(0), nw = hw && ctx->needs_input_grad(1);
     const bool nb = hb && ctx->needs_input_grad(1 + hw);
     const bool nr = ctx->saved_data["has_residual"].toBool() && ctx->needs_input_grad(1 + hw + hb);
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || !go.has_storage()) {
       TORCH_CHECK(g_graph_train != nullptr, "bnkit: no Python backward registered");
       py::gil_scoped_acquire gil;
       const auto r = from_python(
@@ -1536,7 +1538,7 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
     const bool hw = s[1].defined();
     const bool nx = ctx->needs_input_grad(0), nw = hw && ctx->needs_input_grad(1);
     const bool nb = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1 + hw);
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || !go.has_storage()) {
       TORCH_CHECK(g_graph_eval != nullptr, "bnkit: no Python backward registered");
       py::gil_scoped_acquire gil;
       const auto r = from_python((*g_graph_eval)(go, s[0], py_tensor(s[1]), s[2], s[3], eps,

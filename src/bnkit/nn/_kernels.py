@@ -362,6 +362,17 @@ def capturing(x: Tensor) -> bool:
     )
 
 
+def has_storage(t: Tensor) -> bool:
+    """A tensor the kernels can read: one with storage, not a vmap's batched tensor (which
+    ``autograd.grad(is_grads_batched=True)`` and ``jacobian(vectorize=True)`` hand to a
+    backward)."""
+    try:
+        t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def _layout_ok(x: Tensor) -> bool:
     d = x.dim()
     if d == 2:

@@ -374,7 +374,8 @@ def train_backward(
     shape = channel_shape(x)
     cdt = _compute_dtype(x)
     n = x.numel() // x.shape[1] if n is None else n
-    fast = None if torch.is_grad_enabled() else _kernels.route(x)
+    dense = not torch.is_grad_enabled() and _kernels.has_storage(grad_out)
+    fast = _kernels.route(x) if dense else None
     lo = mean - mean.to(cdt).to(mean.dtype)  # what the compute-dtype shift missed
     if fast is not None:
         # the sums from the fast path (both passes there when nothing is reduced)
