@@ -391,6 +391,8 @@ def route(x: Tensor) -> FastPath | None:
     that decides."""
     if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0:
         return None
+    if type(x) is not Tensor and not has_storage(x):  # a wrapper subclass: torch's ops
+        return None
     # (capture first: a vmap's batched tensor cannot be asked about channels_last)
     if capturing(x) or not _layout_ok(x):
         return None

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bnkit.nn import _kernels
 
@@ -779,7 +780,17 @@ def apply_batch_norm(
     With ``residual`` (a tensor of the input's shape, dtype and device: the caller checks)
     and/or an activation code ``act`` (``_kernels.ACTIVATIONS``: 1 relu, 2 relu6) the
     result is ``act(bn(input) + residual)``, in one pass over memory on the fast path and
-    with torch's ops everywhere else."""
+    with torch's ops everywhere else.
+
+    A Tensor subclass with its own ``__torch_function__`` (MONAI's MetaTensor, ...) sees
+    this call as it sees torch's ``batch_norm``: it is handed the call (and, by default,
+    runs it with its handling off and returns the result as its own type, its metadata
+    carried over)."""
+    if type(input) is not Tensor and has_torch_function_variadic(input, residual):
+        args = (input, running_mean, running_var, weight, bias, training, factor, eps)
+        return handle_torch_function(  # type: ignore[no-any-return]
+            apply_batch_norm, (input, residual), *args, residual, act
+        )
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(

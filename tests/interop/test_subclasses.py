@@ -1,0 +1,62 @@
+"""Tensor subclasses through bnkit's layers as through torch's: MONAI's MetaTensor (which
+carries an image's metadata through a network) and a plain user subclass keep their type,
+values and metadata, forward and backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bnkit
+from tests.conftest import random_input
+
+
+class Tagged(torch.Tensor):
+    """A subclass with torch's default __torch_function__."""
+
+
+def _pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    t = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.uniform_(-1, 1)
+        t.running_mean.uniform_(0, 1)
+        t.running_var.uniform_(0.5, 2)
+    ours = bnkit.convert(torch.nn.Sequential(copy.deepcopy(t)), to="bnkit")[0]
+    return t, ours
+
+
+def _wrap(kind: str, x: torch.Tensor) -> torch.Tensor:
+    if kind == "metatensor":
+        monai_data = pytest.importorskip("monai.data")
+        return monai_data.MetaTensor(x, meta={"filename_or_obj": "scan.nii.gz", "spacing": 1.5})
+    return x.as_subclass(Tagged)
+
+
+@pytest.mark.parametrize("kind", ["metatensor", "plain subclass"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subclass_keeps_type_metadata_and_values(kind, training, channels_last) -> None:
+    ref, ours = _pair()
+    x = random_input((4, 3, 6, 5), channels_last=channels_last)
+    outs, grads = [], []
+    for m in (ref, ours):
+        m.train(training)
+        xi = _wrap(kind, x.clone()).requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append(xi.grad)
+    assert type(outs[1]) is type(outs[0])
+    if kind == "metatensor":
+        assert outs[1].meta.keys() == outs[0].meta.keys()
+        assert outs[1].meta["filename_or_obj"] == "scan.nii.gz"
+        assert outs[1].meta["spacing"] == 1.5
+        torch.testing.assert_close(outs[1].affine, outs[0].affine)
+    plain = [t.as_subclass(torch.Tensor) for t in (*outs, *grads)]
+    torch.testing.assert_close(plain[1], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[3], plain[2], rtol=1e-4, atol=1e-5)
+    for a, b in zip(ref.state_dict().values(), ours.state_dict().values(), strict=True):
+        torch.testing.assert_close(b.as_subclass(torch.Tensor), a.as_subclass(torch.Tensor))
