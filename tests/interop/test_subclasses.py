@@ -60,3 +60,46 @@ def test_subclass_keeps_type_metadata_and_values(kind, training, channels_last) 
     torch.testing.assert_close(plain[3], plain[2], rtol=1e-4, atol=1e-5)
     for a, b in zip(ref.state_dict().values(), ours.state_dict().values(), strict=True):
         torch.testing.assert_close(b.as_subclass(torch.Tensor), a.as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fake_tensor_mode_propagates_shapes(training: bool) -> None:
+    # FakeTensorMode (shape and memory estimation without data): the kernels cannot read
+    # a fake tensor, so bnkit's layer runs torch's ops, which the mode implements
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes = []
+    for m in _pair():
+        m.train(training)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(4, 3, 6, 5).requires_grad_()
+            y = m(x)
+            y.sum().backward()
+            shapes.append((type(y).__name__, tuple(y.shape), tuple(x.grad.shape)))
+    assert shapes[1] == shapes[0] == ("FakeTensor", (4, 3, 6, 5), (4, 3, 6, 5))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dispatch_mode_sees_torch_ops(training: bool) -> None:
+    # a TorchDispatchMode (an op or memory tracer) sees the computation as torch ops
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ref, ours = _pair()
+    x = random_input((4, 3, 6, 5))
+    outs = []
+    for m in (ref, ours):
+        m.train(training)
+        with Record() as rec:
+            outs.append(m(x))
+        # arithmetic, not only the allocations an opaque kernel makes
+        assert any(k in op for op in rec.ops for k in ("addcmul", "mul", "sub", "sum", "norm"))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -348,14 +348,16 @@ _fast: FastPath | None = None
 
 
 def capturing(x: Tensor) -> bool:
-    """A graph is being captured, or forward-mode AD is on: the op must be an ordinary
-    torch op (or a Function with a forward derivative), not a C++ call. (The legacy ONNX
-    exporter traces, so the tracing state covers it; inside a
+    """A graph is being captured, forward-mode AD is on, or a ``TorchDispatchMode`` is
+    active (FakeTensorMode, a memory or op tracer): the op must be an ordinary torch op
+    (or a Function with a forward derivative), not a C++ call. (The legacy ONNX exporter
+    traces, so the tracing state covers it; inside a
     ``torch.autograd.forward_ad.dual_level`` any tensor may carry a tangent, which the
-    kernels would drop.)"""
+    kernels would drop; a dispatch mode sees torch's ops, not an opaque kernel.)"""
     return (
-        _forward_ad._current_level >= 0
-        or torch.compiler.is_compiling()
+        torch.compiler.is_compiling()  # first: what dynamo reads while tracing this
+        or _forward_ad._current_level >= 0
+        or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._get_tracing_state() is not None
         or torch.jit.is_scripting()
         or _under_functorch(x)
@@ -371,6 +373,14 @@ def has_storage(t: Tensor) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     return True
+
+
+def _plain_data(x: Tensor) -> bool:
+    """A Tensor subclass whose data the kernels may read: one that keeps torch's own
+    ``__torch_dispatch__`` (MONAI's MetaTensor, a user's subclass) and has storage. A
+    ``__torch_dispatch__`` subclass (FakeTensor, a wrapper) gets torch's ops, which it
+    implements."""
+    return type(x).__torch_dispatch__ is Tensor.__torch_dispatch__ and has_storage(x)
 
 
 def _layout_ok(x: Tensor) -> bool:
@@ -391,7 +401,7 @@ def route(x: Tensor) -> FastPath | None:
     that decides."""
     if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0:
         return None
-    if type(x) is not Tensor and not has_storage(x):  # a wrapper subclass: torch's ops
+    if type(x) is not Tensor and not _plain_data(x):
         return None
     # (capture first: a vmap's batched tensor cannot be asked about channels_last)
     if capturing(x) or not _layout_ok(x):
