@@ -85,3 +85,49 @@ def test_training_side_by_side_20_sgd_steps() -> None:
     torch.testing.assert_close(torch.tensor(losses_m), torch.tensor(losses_r), rtol=1e-9, atol=0)
     for (k, a), (_, b) in zip(ref.state_dict().items(), mine.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9, msg=k)
+
+
+def _bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 1))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-1, 1)
+    return net
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_convert_keeps_hooks_and_pruning(training: bool) -> None:
+    # hooks on a BatchNorm (a feature extractor's forward hook, a pre-hook, a full
+    # backward hook, the forward pre-hook of torch.nn.utils.prune) run on the converted
+    # layer too: the converted model computes the same function
+    import torch.nn.utils.prune as prune
+
+    seen: dict[str, list[torch.Tensor]] = {"out": [], "gin": []}
+    x = random_input((4, 3, 9, 9))
+    results = []
+    for to in (None, "bnkit", "torch"):
+        net = _bn_net()
+        prune.l1_unstructured(net[1], "weight", amount=0.5)
+        net[1].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+        net[1].register_forward_hook(lambda m, args, out: seen["out"].append(out.detach()))
+        net[1].register_full_backward_hook(lambda m, gi, go: seen["gin"].append(gi[0]))
+        if to is not None:
+            net = bnkit.convert(net, to="bnkit")
+            if to == "torch":
+                net = bnkit.convert(net, to="torch")
+            assert type(net[1]).__module__.startswith("bnkit" if to == "bnkit" else "torch")
+        net.train(training)
+        xi = x.clone().requires_grad_()
+        y = net(xi)
+        y.square().sum().backward()
+        results.append((y, xi.grad, net[1].weight_orig.grad, dict(net[1].state_dict())))
+    assert len(seen["out"]) == len(seen["gin"]) == 3
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], results[0][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], results[0][1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[2], results[0][2], rtol=1e-4, atol=1e-4)
+        assert got[3].keys() == results[0][3].keys()  # weight_orig, weight_mask, ...
+        torch.testing.assert_close(got[3]["weight_mask"], results[0][3]["weight_mask"])
+    for a, b in zip(seen["out"][1:], seen["out"][:1] * 2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -2,8 +2,10 @@
 
 ``convert(model, to="bnkit")`` replaces each ``torch.nn.BatchNorm1d/2d/3d`` by bnkit's;
 ``to="torch"`` goes back. Parameters, buffers (running statistics and counter), the
-hyper-parameters, the training flag, device and dtype are carried over, so the converted
-model computes the same function.
+hyper-parameters, the training flag, device and dtype are carried over, and the hooks
+registered on a layer (forward, backward, state_dict; ``torch.nn.utils.prune``'s pruning
+with its ``weight_orig``/``weight_mask``), so the converted model computes the same
+function.
 """
 
 from __future__ import annotations
@@ -73,15 +75,67 @@ def _copy_bn(src: Any, target_cls: Any, **extra: Any) -> nn.Module:
     )
     # A flag toggled after construction is carried over as it is.
     new.track_running_stats = src.track_running_stats
-    with torch.no_grad():
-        for name, p in src.named_parameters(recurse=False):
-            getattr(new, name).copy_(p)
-            getattr(new, name).requires_grad_(p.requires_grad)
-        for name, b in src.named_buffers(recurse=False):
-            if getattr(new, name, None) is not None:
-                getattr(new, name).copy_(b)
+    _copy_tensors(src, new)
+    _copy_hooks(src, new)
     new.train(src.training)
     return new
+
+
+def _copy_tensors(src: nn.Module, new: nn.Module) -> None:
+    """src's parameters and buffers into new, by name. A pruned layer
+    (``torch.nn.utils.prune``) has ``weight_orig``/``weight_mask`` where new has ``weight``:
+    they are registered on new and ``weight`` becomes the plain attribute the pruning hook
+    recomputes, as on src."""
+    with torch.no_grad():
+        for name, p in src._parameters.items():
+            mine = new._parameters.get(name)
+            if p is None:
+                continue
+            if mine is not None:
+                mine.copy_(p)
+                mine.requires_grad_(p.requires_grad)
+            else:
+                new.register_parameter(name, nn.Parameter(p.detach().clone(), p.requires_grad))
+        for name, b in src._buffers.items():
+            buf = new._buffers.get(name)
+            if b is None:
+                continue
+            if buf is not None:
+                buf.copy_(b)
+            elif name not in new._buffers:
+                persistent = name not in src._non_persistent_buffers_set
+                new.register_buffer(name, b.detach().clone(), persistent=persistent)
+        for name in [n for n in new._parameters if n not in src._parameters]:
+            del new._parameters[name]
+            value = getattr(src, name, None)
+            setattr(new, name, None if value is None else value.detach().clone())
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _copy_hooks(src: nn.Module, new: nn.Module) -> None:
+    """The hooks registered on src (forward, backward, state_dict; a pruning method is a
+    forward pre-hook) run on new too, as ``torch.ao.quantization``'s module swap keeps
+    them. (Handles returned when they were registered still refer to src.)"""
+    for attr in _HOOK_DICTS:
+        theirs = getattr(src, attr, None)
+        if theirs:
+            getattr(new, attr).update(theirs)
+    if getattr(src, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = src._is_full_backward_hook
 
 
 def _plain_rank(m: nn.Module, sync_rank: int) -> int | None:
