@@ -144,6 +144,35 @@ def test_fold_falls_back_to_module_structure_when_untraceable() -> None:
     torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fold_untraceable_sequential_keeps_its_layers() -> None:
+    # the Sequential cannot be traced (a data-dependent block after the BN): its Conv is
+    # traced alone, found to hold no BatchNorm and kept as it is, so the BN still folds
+    # into it (this raised AttributeError on a GraphModule in place of the Conv)
+    class Dynamic(nn.Module):
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            return y if float(y.mean()) > -100 else -y
+
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), _rand_bn(nn.BatchNorm2d(6)), Dynamic()).eval()
+    x = random_input((2, 3, 8, 8))
+    folded, report = bnkit.fold(net, x)
+    assert report.folded == ["1"]
+    assert [type(m) for m in folded] == [nn.Conv2d, nn.Identity, Dynamic]
+    torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["bn", "conv"])
+def test_fold_leaves_layers_with_hooks(where: str) -> None:
+    # a BatchNorm's hooks would vanish with it, and a layer's hooks would see the folded
+    # output: such pairs are not folded, and the report says why
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), _rand_bn(nn.BatchNorm2d(6)), nn.ReLU()).eval()
+    net[1 if where == "bn" else 0].register_forward_hook(lambda m, args, out: out * 3)
+    x = random_input((2, 3, 8, 8))
+    folded, report = bnkit.fold(net, x)
+    assert report.folded == []
+    assert "forward hooks" in report.not_folded["1"]
+    torch.testing.assert_close(folded(x), net(x))
+
+
 def test_where_torch_fuse_fails_bnkit_does_not() -> None:
     convt = nn.ConvTranspose2d(4, 6, 3, groups=2).eval()
     bn = _rand_bn(nn.BatchNorm2d(6))

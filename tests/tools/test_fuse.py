@@ -223,3 +223,19 @@ def test_a_graph_true_in_one_mode_only_is_named() -> None:
     with pytest.warns(UserWarning, match="computes the model in training mode only"):
         fused = bnkit.fuse_activations(ModeBranch().train(), x)
     assert bnkit.fused_sites(fused) == ["bn + relu"]
+
+
+@pytest.mark.parametrize("where", ["bn", "relu"])
+def test_layers_with_hooks_are_not_fused_away(where: str) -> None:
+    # a fused call replaces the BatchNorm's and the activation module's calls: hooks
+    # registered on them (a recorder, here) would silently stop running
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    net.eval()
+    seen: list[torch.Tensor] = []
+    net[1 if where == "bn" else 2].register_forward_hook(lambda m, a, out: seen.append(out))
+    x = random_input((2, 3, 8, 8))
+    fused = bnkit.fuse_activations(net, x)
+    assert bnkit.fused_sites(fused) == []
+    seen.clear()
+    torch.testing.assert_close(fused(x), net(x))
+    assert len(seen) == 2  # the hook ran in both

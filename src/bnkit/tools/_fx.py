@@ -14,7 +14,7 @@ from torch import Tensor, fx, nn
 
 from bnkit.nn.batchnorm import is_batchnorm
 
-__all__ = ["UnfaithfulTrace", "as_tuple", "check_same", "flat", "trace"]
+__all__ = ["UnfaithfulTrace", "as_tuple", "check_same", "flat", "hooks", "trace"]
 
 
 class UnfaithfulTrace(RuntimeError):
@@ -34,6 +34,22 @@ def trace(
             return is_batchnorm(m) or leaf(m) or super().is_leaf_module(m, qualname)
 
     return fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete_args))
+
+
+_HOOKS = {
+    "_forward_pre_hooks": "forward pre-hooks",
+    "_forward_hooks": "forward hooks",
+    "_backward_pre_hooks": "backward hooks",
+    "_backward_hooks": "backward hooks",
+}
+
+
+def hooks(m: nn.Module) -> str | None:
+    """The kinds of hooks registered on ``m`` ("forward hooks and ..."; a pruning method is
+    a forward pre-hook), or None. A graph rewrite that replaces a module call (folding,
+    fusing) would no longer run them."""
+    kinds = sorted({what for attr, what in _HOOKS.items() if getattr(m, attr, None)})
+    return " and ".join(kinds) or None
 
 
 def as_tuple(example_inputs: Any) -> tuple[Any, ...]:

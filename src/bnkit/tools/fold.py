@@ -112,7 +112,18 @@ def _set(layer: Any, weight: Tensor, bias: Tensor) -> None:
     layer.bias = nn.Parameter(bias.to(w.dtype), requires_grad=w.requires_grad)
 
 
+def _hook_reason(layer: Any, bn: Any) -> str | None:
+    """Folding would drop a BatchNorm's hooks, and change what a layer's see."""
+    for m, who in ((bn, "the BatchNorm"), (layer, type(layer).__name__)):
+        kinds = _fx.hooks(m)
+        if kinds:
+            return f"{who} has {kinds}, which the folded layer would not run as they ran"
+    return None
+
+
 def _why_not_after(layer: Any, bn: Any) -> str | None:
+    if (hooks := _hook_reason(layer, bn)) is not None:
+        return hooks
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != bn.num_features:
         return (
@@ -122,6 +133,8 @@ def _why_not_after(layer: Any, bn: Any) -> str | None:
 
 
 def _why_not_before(layer: Any, bn: Any) -> str | None:
+    if (hooks := _hook_reason(layer, bn)) is not None:
+        return hooks
     if isinstance(layer, _CONVT):
         return "precedes a ConvTranspose: folding it there is not exact at the borders"
     if isinstance(layer, _CONV) and (
@@ -353,8 +366,10 @@ def _fold_recursive(module: nn.Module, prefix: str, report: FoldReport, ctx: _Co
             if not prefix:
                 report.traced = False
         else:
+            if not part.layers:  # no BatchNorm in it: the module stays as it was
+                return module
             report.layers.extend(part.layers)
-            if prefix and part.layers:
+            if prefix:
                 report.subgraphs.append(prefix)
             return folded
     children = list(module.named_children())

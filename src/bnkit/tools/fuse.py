@@ -54,7 +54,7 @@ def _activation(node: fx.Node, modules: dict[str, nn.Module], src: fx.Node) -> s
     kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
     if node.op == "call_module":
         m = modules.get(str(node.target))
-        if extra_args or kwargs:
+        if extra_args or kwargs or m is None or _fx.hooks(m):  # (hooks: not fused away)
             return None
         if type(m) is nn.ReLU:
             return "relu"
@@ -127,6 +127,8 @@ def fuse_activations(
     sites: list[str] = []
     for node in list(graph.nodes):
         if node.op != "call_module" or type(modules.get(str(node.target))) not in _FUSABLE:
+            continue
+        if _fx.hooks(modules[str(node.target)]):  # the fused call would not run them
             continue
         if len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
             continue
