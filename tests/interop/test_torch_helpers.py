@@ -138,6 +138,35 @@ def test_quantization_fuse_modules_eval(layout: str) -> None:
     torch.testing.assert_close(f_ours(x), ours(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [2, 3])
+def test_eager_static_quantization_of_a_standalone_batchnorm(rank: int) -> None:
+    # prepare/convert swap an unfused BatchNorm (one after a ReLU, say) for torch's
+    # quantized BatchNorm; bnkit's stayed float and failed on the quantized input
+    import torch.ao.quantization as tq
+
+    conv = nn.Conv2d if rank == 2 else nn.Conv3d
+    bn = nn.BatchNorm2d if rank == 2 else nn.BatchNorm3d
+    shape = (4, 3, 8, 8) if rank == 2 else (2, 3, 5, 6, 6)
+    outs, kinds = [], []
+    for to in ("torch", "bnkit"):
+        torch.manual_seed(0)
+        m = nn.Sequential(tq.QuantStub(), conv(3, 4, 3), nn.ReLU(), bn(4), tq.DeQuantStub())
+        with torch.no_grad():
+            m[3].running_mean.uniform_(0, 1)
+            m[3].running_var.uniform_(0.5, 2)
+            m[3].weight.uniform_(0.5, 1.5)
+        m = bnkit.convert(m, to=to).eval()
+        m.qconfig = tq.get_default_qconfig("fbgemm")
+        prepared = tq.prepare(m)
+        for s in range(3):
+            prepared(random_input(shape, seed=s))
+        q = tq.convert(prepared)
+        kinds.append(type(q[3]))
+        outs.append(q(random_input(shape, seed=9)))
+    assert kinds[1] is kinds[0] and kinds[0].__module__.startswith("torch.ao.nn.quantized")
+    torch.testing.assert_close(outs[1], outs[0])
+
+
 def test_quantization_fuse_modules_qat_keeps_the_tensors() -> None:
     from torch.ao.quantization import fuse_modules_qat
 

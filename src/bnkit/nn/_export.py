@@ -28,7 +28,7 @@ from torch.nn import Module
 
 from bnkit.nn._tensors import layer_tensor
 
-__all__ = ["as_torch", "eval_op", "exporting", "register_fusers"]
+__all__ = ["as_torch", "eval_op", "exporting", "register_fusers", "register_quantized"]
 
 
 def exporting() -> bool:
@@ -104,6 +104,20 @@ def register_fusers(pairs: dict[type[Module], type[Module]]) -> None:
                 continue
             twin = tuple(ours if t is theirs else t for t in pattern)
             table.setdefault(twin, _with_torch_batchnorm(fuser, ours))
+
+
+def register_quantized(pairs: dict[type[Module], type[Module]]) -> None:
+    """Let eager-mode static quantization (``torch.ao.quantization.prepare``/``convert``)
+    observe bnkit's BatchNorms and swap them for torch's quantized BatchNorm, as it does
+    torch's: its table of module mappings is keyed by exact classes, so each bnkit class
+    gets the entry of the torch class it stands for (``from_float`` reads the same
+    attributes)."""
+    from torch.ao.quantization import quantization_mappings as qm
+
+    table: dict[Any, Any] = qm.DEFAULT_STATIC_QUANT_MODULE_MAPPINGS
+    for ours, theirs in pairs.items():
+        if theirs in table:
+            table.setdefault(ours, table[theirs])
 
 
 def _with_torch_batchnorm(fuser: Any, ours: type[Module]) -> Any:

@@ -300,13 +300,13 @@ class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d, _LazyBatchNorm):  # type: ignore
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 
-_export.register_fusers(
-    {
-        BatchNorm1d: torch.nn.BatchNorm1d,
-        BatchNorm2d: torch.nn.BatchNorm2d,
-        BatchNorm3d: torch.nn.BatchNorm3d,
-    }
-)
+_TORCH_OF = {
+    BatchNorm1d: torch.nn.BatchNorm1d,
+    BatchNorm2d: torch.nn.BatchNorm2d,
+    BatchNorm3d: torch.nn.BatchNorm3d,
+}
+_export.register_fusers(_TORCH_OF)
+_export.register_quantized(_TORCH_OF)
 
 for _cls, _rank, _shape, _ex in (
     (BatchNorm1d, "2D or 3D", "(N, C) or (N, C, L)", "8, 4"),
