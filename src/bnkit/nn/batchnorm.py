@@ -300,7 +300,7 @@ class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d, _LazyBatchNorm):  # type: ignore
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 
-_TORCH_OF = {
+_TORCH_OF: dict[type[Module], type[Module]] = {
     BatchNorm1d: torch.nn.BatchNorm1d,
     BatchNorm2d: torch.nn.BatchNorm2d,
     BatchNorm3d: torch.nn.BatchNorm3d,
