@@ -55,20 +55,34 @@ def _preload(kind: str) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser(doc: str | None, repeats: int) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --threads, --repeats, --allocator."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--quick", action="store_true", help="small shapes only")
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
+    return ap
+
+
+def setup(ap: argparse.ArgumentParser, header: bool = True) -> argparse.Namespace:
+    """Parse ``ap``'s options, re-execute under the allocator asked for, set the threads and
+    print what runs (torch and bnkit versions, threads, allocator)."""
     args = ap.parse_args()
     if args.allocator != "default":
         _preload(args.allocator)
     torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
-        f"allocator: {args.allocator if args.allocator != 'default' else 'default (glibc)'}"
-    )
+    if header:
+        print(
+            f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
+            f"allocator: {args.allocator if args.allocator != 'default' else 'default (glibc)'}"
+        )
+    return args
+
+
+def main() -> None:
+    ap = parser(__doc__, repeats=30)
+    ap.add_argument("--quick", action="store_true", help="small shapes only")
+    args = setup(ap)
     print_table(compare(QUICK_SHAPES if args.quick else SHAPES, args.repeats))
 
 

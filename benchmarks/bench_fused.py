@@ -17,11 +17,10 @@ slow phase of the machine shows, and the fused result's max error against float6
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from bench_batchnorm import _ALLOCATORS, _preload
+from bench_batchnorm import parser, setup
 
 import bnkit
 from bnkit.lab.timing import interleaved_times
@@ -62,19 +61,9 @@ def _kinds(ref: torch.nn.Module, ours: torch.nn.Module, act: str):  # type: igno
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
+    ap = parser(__doc__, repeats=20)
     ap.add_argument("--act", choices=list(ACTS), default="relu", help="the activation")
-    args = ap.parse_args()
-    if args.allocator != "default":
-        _preload(args.allocator)
-    torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
-        f"allocator: {args.allocator}"
-    )
+    args = setup(ap)
     head = (
         f"{'shape':<19} {'format':<14} {'pattern':<14} {'torch ms':>9} {'bnkit ms':>9} "
         f"{'fused ms':>9} {'bnkit/t':>8} {'fused/t':>8} {'torch GB/s':>10} {'fused err':>9}"

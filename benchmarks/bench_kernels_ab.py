@@ -15,7 +15,6 @@ The two builds are timed in turn, each call after an untimed call of the same bu
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_batchnorm import _ALLOCATORS, _preload
+from bench_batchnorm import parser, setup
 from torch.utils import cpp_extension
 
 from bnkit.lab.timing import interleaved_times
@@ -84,15 +83,9 @@ def _calls(mod: Any, x: torch.Tensor) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = parser(__doc__, repeats=40)
     ap.add_argument("--rev", default="HEAD", help="git revision of the old kernels")
-    ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
-    args = ap.parse_args()
-    if args.allocator != "default":
-        _preload(args.allocator)
-    torch.set_num_threads(args.threads)
+    args = setup(ap, header=False)
     rel = SOURCE.relative_to(SOURCE.parents[3]).as_posix()
     shown = subprocess.run(
         ["git", "show", f"{args.rev}:{rel}"],

@@ -18,12 +18,11 @@ freed memory mapped.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable
 
 import torch
-from bench_batchnorm import _ALLOCATORS, _preload
+from bench_batchnorm import parser, setup
 
 import bnkit
 from bnkit.lab.timing import interleaved_times
@@ -54,18 +53,7 @@ def _loop(m: torch.nn.Module, x: torch.Tensor, grad: bool) -> Callable[[], None]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--allocator", choices=["default", *_ALLOCATORS], default="default")
-    args = ap.parse_args()
-    if args.allocator != "default":
-        _preload(args.allocator)
-    torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
-        f"allocator: {args.allocator}"
-    )
+    args = setup(parser(__doc__, repeats=15))
     print(f"{'shape':<18} {'case':<16} {'torch us':>9} {'bnkit us':>9} {'ratio':>6}")
     for grad in (False, True):
         for shape in SHAPES:
