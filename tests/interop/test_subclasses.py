@@ -103,3 +103,26 @@ def test_dispatch_mode_sees_torch_ops(training: bool) -> None:
         # arithmetic, not only the allocations an opaque kernel makes
         assert any(k in op for op in rec.ops for k in ("addcmul", "mul", "sub", "sum", "norm"))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["metatensor", "plain subclass"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bnkit.GhostBatchNorm2d(3, virtual_batch_size=3),
+        lambda: bnkit.BatchRenorm2d(3),
+        lambda: bnkit.FrozenBatchNorm2d(3),
+    ],
+    ids=["ghost", "renorm", "frozen"],
+)
+def test_subclass_through_the_other_layer_kinds(kind, make) -> None:
+    # the same layer on the plain tensor gives the values; the subclass keeps its type
+    x = random_input((5, 3, 6, 5))
+    m = make().train()
+    plain = copy.deepcopy(m)(x)
+    wrapped = _wrap(kind, x.clone())
+    y = m(wrapped)
+    assert type(y) is type(wrapped)
+    if kind == "metatensor":
+        assert y.meta["filename_or_obj"] == "scan.nii.gz"
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), plain)

@@ -621,8 +621,13 @@ def normalize_train(
     """Normalize with batch statistics; returns ``(y, mean, biased_var)``.
 
     ``y`` is differentiable (closed-form backward, itself differentiable); ``mean`` and
-    ``biased_var`` are detached per-channel statistics in float64 (float32 on MPS).
+    ``biased_var`` are detached per-channel statistics in float64 (float32 on MPS). A
+    Tensor subclass sees the call (see :func:`apply_batch_norm`).
     """
+    if type(x) is not Tensor and has_torch_function_variadic(x):
+        return handle_torch_function(  # type: ignore[no-any-return]
+            normalize_train, (x,), x, weight, bias, eps
+        )
     if x.numel() == 0:
         # Keep the empty output connected to the graph, as torch does.
         y = x.to(_compute_dtype(x))
@@ -684,8 +689,12 @@ def normalize_eval(
     (then ``act(... + residual)``, see :func:`apply_batch_norm`).
 
     Differentiable in ``x``, ``weight`` and ``bias`` (and in the statistics, should they
-    require grad); the backward is ``grad * weight / sqrt(var + eps)``.
+    require grad); the backward is ``grad * weight / sqrt(var + eps)``. A Tensor subclass
+    sees the call (see :func:`apply_batch_norm`).
     """
+    if type(x) is not Tensor and has_torch_function_variadic(x, residual):
+        args = (x, running_mean, running_var, weight, bias, eps, residual, act)
+        return handle_torch_function(normalize_eval, (x, residual), *args)  # type: ignore[no-any-return]
     stats_grad = running_mean.requires_grad or running_var.requires_grad
     fast = None if stats_grad else _kernels.route(x)
     if fast is not None:
