@@ -131,3 +131,20 @@ def test_convert_keeps_hooks_and_pruning(training: bool) -> None:
         torch.testing.assert_close(got[3]["weight_mask"], results[0][3]["weight_mask"])
     for a, b in zip(seen["out"][1:], seen["out"][:1] * 2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_names_a_parametrized_batchnorm_it_leaves() -> None:
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    net = _bn_net()
+    parametrize.register_parametrization(net[1], "weight", Double())
+    x = random_input((2, 3, 9, 9))
+    before = net(x)
+    with pytest.warns(UserWarning, match=r"convert: 1 .*parametrized"):
+        out = bnkit.convert(net, to="bnkit")
+    assert parametrize.is_parametrized(out[1])
+    torch.testing.assert_close(out(x), before)

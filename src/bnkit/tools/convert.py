@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 import bnkit.nn.batchnorm as bnb
 from bnkit.nn import frozen as bnf
@@ -227,6 +228,15 @@ def _swap(
     new = fn(module, name=name, **kw)
     if new is not None:
         return new
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and is_parametrized(module):
+        # torch.nn.utils.parametrize made it an instance of a class of its own
+        warnings.warn(
+            f"convert: {name or 'the model'} ({type(module).__name__}) is parametrized "
+            "(torch.nn.utils.parametrize) and was left as it is; remove the "
+            "parametrization (parametrize.remove_parametrizations) to convert it",
+            UserWarning,
+            stacklevel=3,
+        )
     for child_name, child in module.named_children():
         full = f"{name}.{child_name}" if name else child_name
         replaced = _swap(child, fn, full, **kw)
