@@ -124,3 +124,29 @@ def test_corrupt_files_and_directories_are_one_line_errors(tmp_path: Path, capsy
         assert err.startswith("bnkit inspect: error:") and "\n" not in err, (b, err)
     assert main(["inspect", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_pruned_and_parametrized_layers_in_a_checkpoint() -> None:
+    # torch.nn.utils.prune stores weight_orig and weight_mask, parametrize the original
+    # under parametrizations.weight.original: the summary shows the pruned weight as the
+    # model uses it, and flags both
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([0.5, 2.0, 0.1, 3.0]))
+    net(random_input((4, 3, 8, 8)))
+    prune.l1_unstructured(net[1], "weight", amount=0.5)
+    parametrize.register_parametrization(net[3], "weight", Double())
+    stats = {s.name: s for s in bni.summarize(net.state_dict())}
+    assert stats["1"].weight_mean == pytest.approx((2.0 + 3.0) / 4)
+    assert "weight pruned (2 of 4 kept)" in stats["1"].flags
+    assert stats["3"].weight_mean is None
+    assert any("parametrized" in f for f in stats["3"].flags)

@@ -159,6 +159,24 @@ def _f(t: Tensor) -> tuple[float, float, float]:
     return float(t.mean()), float(t.min()), float(t.max())
 
 
+def _stored(sd: Mapping[str, Tensor], pre: str, name: str, flags: list[str]) -> Tensor | None:
+    """The layer's ``name`` tensor as the model uses it: a pruned one
+    (``torch.nn.utils.prune``: ``name_orig`` times ``name_mask``) with a flag; a
+    parametrized one (``parametrizations.name.original``, whose function the checkpoint
+    does not hold) flagged, its original not taken for the tensor."""
+    t = sd.get(pre + name)
+    if t is not None:
+        return t.detach()
+    orig, mask = sd.get(pre + name + "_orig"), sd.get(pre + name + "_mask")
+    if orig is not None and mask is not None:
+        kept = int(mask.count_nonzero())
+        flags.append(f"{name} pruned ({kept} of {mask.numel()} kept)")
+        return (orig * mask).detach()
+    if pre + f"parametrizations.{name}.original" in sd:
+        flags.append(f"{name} parametrized (its value is not in the checkpoint)")
+    return None
+
+
 def summarize(
     sd: Mapping[str, Tensor], momentum: Mapping[str, Any] | None = None
 ) -> list[LayerStats]:
@@ -167,9 +185,9 @@ def summarize(
     for name in bn_layers(sd):
         pre = f"{name}." if name else ""
         rm, rv = sd[pre + "running_mean"].detach(), sd[pre + "running_var"].detach()
-        w, b = sd.get(pre + "weight"), sd.get(pre + "bias")
-        nbt = sd.get(pre + "num_batches_tracked")
         flags = []
+        w, b = _stored(sd, pre, "weight", flags), _stored(sd, pre, "bias", flags)
+        nbt = sd.get(pre + "num_batches_tracked")
         tensors = [t for t in (rm, rv, w, b) if t is not None]
         if any(not bool(torch.isfinite(t).all()) for t in tensors):
             flags.append("NaN/Inf")
