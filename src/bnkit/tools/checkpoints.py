@@ -185,7 +185,7 @@ def summarize(
     for name in bn_layers(sd):
         pre = f"{name}." if name else ""
         rm, rv = sd[pre + "running_mean"].detach(), sd[pre + "running_var"].detach()
-        flags = []
+        flags: list[str] = []
         w, b = _stored(sd, pre, "weight", flags), _stored(sd, pre, "bias", flags)
         nbt = sd.get(pre + "num_batches_tracked")
         tensors = [t for t in (rm, rv, w, b) if t is not None]
