@@ -1557,10 +1557,10 @@ struct EvalFn : public torch::autograd::Function<EvalFn> {
 
 }  // namespace
 
-// The Python closed forms the nodes call under a double backward: train(grad_out, x,
-// weight, bias, mean, var, residual, eps, act, (need_x, need_w, need_b), need_residual) ->
-// (gx, gw, gb, g_residual); eval(grad_out, x, weight, running_mean, running_var, eps,
-// needs) -> (gx, gw, gb).
+// The Python closed forms the nodes call under a double backward or for a gradient
+// without storage (see above): train(grad_out, x, weight, bias, mean, var, residual, eps,
+// act, (need_x, need_w, need_b), need_residual) -> (gx, gw, gb, g_residual);
+// eval(grad_out, x, weight, running_mean, running_var, eps, needs) -> (gx, gw, gb).
 void set_graph_backward(py::object train, py::object eval) {
   if (g_graph_train == nullptr) {
     g_graph_train = new py::object(std::move(train));
