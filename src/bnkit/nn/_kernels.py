@@ -170,7 +170,8 @@ _graph_backward: tuple[Any, Any] | None = None
 
 def register_graph_backward(train: Any, eval: Any) -> None:
     """The differentiable (torch-op) training and eval backwards that the C++ autograd
-    nodes call under a double backward (see ``set_graph_backward`` in _kernels.cpp);
+    nodes call under a double backward and for a gradient without storage (see
+    ``set_graph_backward`` in _kernels.cpp);
     registered by ``bnkit.nn.functional`` (which this module does not import)."""
     global _graph_backward
     _graph_backward = (train, eval)
@@ -308,8 +309,8 @@ class FastPath:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward_train` as an autograd node (a C++ one: no Python in the forward
         or backward call): (y, mean, var), the statistics not differentiable. Its backward
-        is :meth:`backward_train`'s kernel, or the registered differentiable form under a
-        double backward."""
+        is :meth:`backward_train`'s kernel, or the registered torch-op form under a double
+        backward or for a gradient without storage."""
         rm, rv, f = running if running is not None else (None, None, 0.0)
         y, mean, var = self._mod.train_fn(x, weight, bias, residual, rm, rv, f, eps, act)
         return y, mean, var
@@ -325,7 +326,7 @@ class FastPath:
         eps: float,
     ) -> Tensor:
         """:meth:`forward_eval` as a C++ autograd node (backward: :meth:`backward_eval`'s
-        kernel, or the registered differentiable form under a double backward)."""
+        kernel, or the registered torch-op form as for :meth:`train_node`)."""
         y: Tensor = self._mod.eval_fn(x, weight, bias, running_mean, running_var, eps)
         return y
 

@@ -483,12 +483,23 @@ class _TrainNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.has_bias = _bias is not None
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, weight, mean, var, None, None)
+        ctx.save_for_backward(x, weight, mean, var)
         ctx.save_for_forward(x, weight, mean, var)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> Any:  # type: ignore[override]
-        return _train_norm_backward(ctx, grad_out)[:4]
+        """:func:`train_graph_backward` (the statistics recomputed differentiably from x
+        under a double backward)."""
+        x, weight, mean, var = ctx.saved_tensors
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2] and ctx.has_bias,
+        )
+        gx, gw, gb, _ = train_graph_backward(
+            grad_out, x, weight, None, mean, var, None, ctx.eps, 0, needs, False
+        )
+        return gx, gw, gb, None
 
     @staticmethod
     def jvp(  # type: ignore[override]
@@ -535,21 +546,6 @@ def _train_jvp(
     return ty.to(x.dtype)
 
 
-def _train_norm_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
-    """Backward of the plain training Function: :func:`train_graph_backward` with the
-    statistics recomputed differentiably from x under a double backward."""
-    x, weight, mean, var, _residual, _coef = ctx.saved_tensors
-    needs = (
-        ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
-        ctx.needs_input_grad[2] and ctx.has_bias,
-    )
-    gx, gw, gb, _ = train_graph_backward(
-        grad_out, x, weight, None, mean, var, None, ctx.eps, 0, needs, False
-    )
-    return gx, gw, gb, None
-
-
 def train_graph_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -569,7 +565,7 @@ def train_graph_backward(
     closed form exactly. A fused activation ``act`` (whose pre-activation is recomputed
     from x, ``bias`` and ``residual``) gates ``grad_out`` first; the residual's gradient
     is the gated gradient. The fast path's autograd node calls this under a double
-    backward (``_kernels.register_graph_backward``)."""
+    backward and for a gradient without storage (``_kernels.register_graph_backward``)."""
     if torch.is_grad_enabled():
         mean_c, var_c = differentiable_stats(x)
         mean, var = mean_c.to(var.dtype), var_c.to(var.dtype)
@@ -654,8 +650,9 @@ def eval_graph_backward(
     eps: float,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The eval-mode backward with torch's ops, for a double backward through the fast
-    path's autograd node (which computes the first backward in one kernel call):
+    """The eval-mode backward with torch's ops, for a double backward (or a gradient
+    without storage) through the fast path's autograd node (which otherwise computes the
+    backward in one kernel call):
     ``dx = grad * weight * invstd``, ``dweight = sum(grad * (x - mean)) * invstd``,
     ``dbias = sum(grad)``, each None where ``needs`` says it is not wanted."""
     shape = channel_shape(x)

@@ -89,18 +89,18 @@ def _copy_tensors(src: nn.Module, new: nn.Module) -> None:
     recomputes, as on src."""
     with torch.no_grad():
         for name, p in src._parameters.items():
-            mine = new._parameters.get(name)
             if p is None:
                 continue
+            mine = new._parameters.get(name)
             if mine is not None:
                 mine.copy_(p)
                 mine.requires_grad_(p.requires_grad)
             else:
                 new.register_parameter(name, nn.Parameter(p.detach().clone(), p.requires_grad))
         for name, b in src._buffers.items():
-            buf = new._buffers.get(name)
             if b is None:
                 continue
+            buf = new._buffers.get(name)
             if buf is not None:
                 buf.copy_(b)
             elif name not in new._buffers:
