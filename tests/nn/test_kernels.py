@@ -71,7 +71,9 @@ def test_mean_1e5_statistics(shape, channels_last, backend: str) -> None:
 # >= 16 KiB), a short last block with rows left over, and (C = 3) float32 flushes inside a
 # block; NCHW runs longer than a lane's chunk (flushed mid-run, with a tail), and thread
 # ranges that start mid-channel and hold fewer runs than channels (4 threads, 15 runs of 5
-# channels); on 1, 2 and 4 threads, so that each thread's range ends mid-block.
+# channels); NCHW runs long enough for the one-sweep kernel (nchw_fused: >= 24 KiB a run),
+# in blocks of several channels, one channel, and fewer channels than threads; on 1, 2
+# and 4 threads, so that each thread's range ends mid-block.
 @pytest.mark.parametrize(
     "shape,channels_last",
     [
@@ -80,6 +82,8 @@ def test_mean_1e5_statistics(shape, channels_last, backend: str) -> None:
         ((9, 40, 33, 7), True),
         ((5, 3, 61, 67), True),
         ((2, 3, 113, 117), False),
+        ((3, 7, 70, 90), False),
+        ((2, 5, 1, 12301), False),
         ((3, 5, 3, 3), False),
         ((7, 40, 5, 5), False),
     ],
@@ -140,7 +144,8 @@ torch.manual_seed(0)
 worst = {torch.float32: 0.0, torch.float64: 0.0}
 # odd sizes: runs that start and end off the 32-byte grid, rows wider than the buffer
 for shape, cl in [((3, 5, 7, 9), False), ((3, 5, 7, 9), True), ((2, 1100, 3, 1), True),
-                  ((37, 1100), False), ((4, 3, 33, 35), False), ((5, 7, 3, 2, 3), True)]:
+                  ((37, 1100), False), ((4, 3, 33, 35), False), ((5, 7, 3, 2, 3), True),
+                  ((2, 3, 80, 81), False)]:
     for dtype in (torch.float32, torch.float64):
         x = random_input(shape).to(dtype)
         if cl:
