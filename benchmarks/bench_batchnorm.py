@@ -1,7 +1,9 @@
 """Time bnkit's BatchNorm against torch's built-in, side by side in one process.
 
 Prints, for every shape/format/case, the median time of each, the ratio bnkit/torch
-(< 1 means bnkit is faster), GB/s against the minimal traffic and max error vs float64.
+(< 1 means bnkit is faster), GB/s against the minimal traffic and max error vs float64;
+for the eval rows also ``x.clone()``'s GB/s, timed in turn with the two (the same bytes
+moved with no arithmetic: how close an eval forward is to what memory allows).
 
     python benchmarks/bench_batchnorm.py               # all shapes, 2 threads
     python benchmarks/bench_batchnorm.py --threads 1 --repeats 30

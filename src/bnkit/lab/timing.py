@@ -151,6 +151,9 @@ def compare(
                                 p.grad = None
 
                     steps[name] = step
+                if case == "eval fwd":
+                    # the same traffic with no arithmetic: what memory allows
+                    steps["copy"] = x.clone
                 secs = paired_median_times(steps, repeats)
                 # minimal traffic: fwd reads x, writes y (+1 read for batch stats);
                 # fwd+bwd additionally reads x, grad and writes grad_x.
@@ -171,24 +174,29 @@ def compare(
                         "bnkit_GBps": res["bnkit"][1],
                         "torch_err": res["torch"][2],
                         "bnkit_err": res["bnkit"][2],
+                        "copy_GBps": traffic / secs["copy"] / 1e9 if "copy" in secs else None,
                     }
                 )
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """Print the rows and the geometric-mean ratio of each case."""
+    """Print the rows and the geometric-mean ratio of each case. ``copy GB/s`` (eval rows):
+    ``x.clone()`` timed in turn with the two, the same bytes read and written with no
+    arithmetic: an eval forward near it is bound by memory, whichever library runs it."""
     head = (
         f"{'shape':<20} {'format':<14} {'case':<14} {'torch ms':>9} {'bnkit ms':>9} "
-        f"{'ratio':>6} {'torch GB/s':>10} {'bnkit GB/s':>10} {'torch err':>9} {'bnkit err':>9}"
+        f"{'ratio':>6} {'torch GB/s':>10} {'bnkit GB/s':>10} {'copy GB/s':>9} "
+        f"{'torch err':>9} {'bnkit err':>9}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        copy = f"{r['copy_GBps']:.1f}" if r.get("copy_GBps") is not None else "-"
         print(
             f"{r['shape']!s:<20} {r['format']:<14} {r['case']:<14} {r['torch_ms']:>9.2f} "
             f"{r['bnkit_ms']:>9.2f} {r['ratio']:>6.2f} {r['torch_GBps']:>10.1f} "
-            f"{r['bnkit_GBps']:>10.1f} {r['torch_err']:>9.1e} {r['bnkit_err']:>9.1e}"
+            f"{r['bnkit_GBps']:>10.1f} {copy:>9} {r['torch_err']:>9.1e} {r['bnkit_err']:>9.1e}"
         )
     for case in ("train fwd", "train fwd+bwd", "eval fwd"):
         ratios = [float(r["ratio"]) for r in rows if r["case"] == case]
