@@ -16,7 +16,6 @@ once).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -25,6 +24,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from bench_batchnorm import parser, setup
 from torch import nn
 
 import bnkit
@@ -164,16 +164,12 @@ def _shares(model: nn.Module, step: Callable[[], None]) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap = parser(__doc__, repeats=0)
     ap.add_argument("--quick", action="store_true", help="half the image size, fewer repeats")
     ap.add_argument("--only", default="", help="comma-separated model names")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = setup(ap)
     repeats = args.repeats or (5 if args.quick else 9)
-    print(f"torch {torch.__version__}, bnkit {bnkit.__version__}, {args.threads} thread(s), "
-          f"{repeats} repeats, fast path: {bnkit.nn.fast_path_available()}")  # fmt: skip
+    print(f"{repeats} repeats, fast path: {bnkit.nn.fast_path_available()}")
     print(
         f"{'model':<16} {'format':<14} {'torch ms':>9} {'bnkit ms':>9} {'fused ms':>9} "
         f"{'bnkit/torch':>11} {'fused/torch':>11} {'BN share':>9} {'act share':>9}"
