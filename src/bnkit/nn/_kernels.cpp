@@ -721,6 +721,44 @@ void out_row(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t
   }
 }
 
+// Four channels-fastest rows written directly (no streaming), each channel's scalars
+// loaded once for the four: out_row loads them for every row, three to six loads a
+// vector of output besides x's, and over cached data the load ports, not memory, bound
+// the pass. Measured A/B (one process, channels_last, warm): eval 0.78-0.92 of the time
+// on (16, 256, 14, 14), (16, 128, 28, 28), (128, 64, 8, 8), (1024, 256), training
+// forward 0.88-0.97, backward 0.94-1.0; large tensors (streamed) unchanged.
+template <typename T, typename O>
+inline void out_rows4(const Ptrs<T>& p, int64_t off, int64_t C, const KArrays<T>& ka) {
+  const T *s = ka.s(), *kx = ka.kx(), *ko = ka.ko(), *k0 = ka.k0();
+  const T *fs = ka.fs(), *fa = ka.fa(), *fk = ka.fk();
+  const T* x = p.x + off;
+  const T* go = O::kReadsGo ? p.go + off : x;
+  const T* r = O::kReadsR ? p.r + off : x;
+  T* y = p.out + off;
+  T* y2 = O::kSecond ? p.out2 + off : y;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
+    // every load before the first store: rows C * sizeof(T) = 4 KiB apart would make a
+    // store and the next row's load look alike to the CPU (4K aliasing) and wait
+    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+    const T v0 = O::out(x[c], go[c], r[c], k, s0);
+    const T v1 = O::out(x[C + c], go[C + c], r[C + c], k, s1);
+    const T v2 = O::out(x[2 * C + c], go[2 * C + c], r[2 * C + c], k, s2);
+    const T v3 = O::out(x[3 * C + c], go[3 * C + c], r[3 * C + c], k, s3);
+    y[c] = v0;
+    y[C + c] = v1;
+    y[2 * C + c] = v2;
+    y[3 * C + c] = v3;
+    if constexpr (O::kSecond) {
+      y2[c] = s0;
+      y2[C + c] = s1;
+      y2[2 * C + c] = s2;
+      y2[3 * C + c] = s3;
+    }
+  }
+}
+
 // The Op's output over the whole tensor with given per-channel scalars.
 template <typename T, typename O>
 void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse);
@@ -779,14 +817,21 @@ template <typename T, typename O>
 void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse) {
   const int64_t C = lo.C;
   const bool stream = O::streams(lo.R * C);
+  // four rows at a time where the output stays in cache, unless rows are a multiple of
+  // 4 KiB: then the four rows of x and y fall in the same L1 sets and evict each other
+  // (C = 1024: 1.2-1.5x the time)
+  const bool rows4 = !stream && (C * static_cast<int64_t>(sizeof(T))) % 4096 != 0;
   // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
   // rows (kBackBlock) are taken last to first, so that the rows a thread read last are
   // still in cache; each block is written front to back.
   blocked_ranges(lo.R, row_threads(lo.R), C * static_cast<int64_t>(sizeof(T)), lo.R * C,
                  reverse, [&](int64_t rb, int64_t re) {
-    Writer<T> w(p.out + rb * C, stream);
-    Writer<T> w2(O::kSecond ? p.out2 + rb * C : nullptr, stream);
-    for (int64_t r = rb; r < re; ++r) out_row<T, O>(w, &w2, p, r * C, C, ka);
+    int64_t r = rb;
+    if (rows4)
+      for (; r + 4 <= re; r += 4) out_rows4<T, O>(p, r * C, C, ka);
+    Writer<T> w(p.out + r * C, stream);
+    Writer<T> w2(O::kSecond ? p.out2 + r * C : nullptr, stream);
+    for (; r < re; ++r) out_row<T, O>(w, &w2, p, r * C, C, ka);
     w.finish();
     if (O::kSecond) w2.finish();
   });
