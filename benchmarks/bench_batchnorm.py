@@ -9,6 +9,12 @@ moved with no arithmetic: how close an eval forward is to what memory allows).
     python benchmarks/bench_batchnorm.py --threads 1 --repeats 30
     python benchmarks/bench_batchnorm.py --quick
     python benchmarks/bench_batchnorm.py --allocator tcmalloc
+    python benchmarks/bench_batchnorm.py --allocator tcmalloc --cold
+
+By default each timed call follows an untimed call of the same step (its steady state in
+a loop that calls only it: what it read last may still be in cache). ``--cold`` writes
+128 MiB of other data before every timed call instead, as the layers around a BatchNorm
+do in a network: the figures to expect in situ.
 
 Allocator: with glibc's default malloc every tensor of 32 MiB or more is fresh memory from
 the OS, and writing it first costs a page fault per 4 KiB; that cost is in both columns.
@@ -84,8 +90,16 @@ def setup(ap: argparse.ArgumentParser, header: bool = True) -> argparse.Namespac
 def main() -> None:
     ap = parser(__doc__, repeats=30)
     ap.add_argument("--quick", action="store_true", help="small shapes only")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="each timed call starts from caches full of other data (as a layer in a\n"
+        "network does), not after an untimed call of the same step",
+    )
     args = setup(ap)
-    print_table(compare(QUICK_SHAPES if args.quick else SHAPES, args.repeats))
+    if args.cold:
+        print("cold caches: 128 MiB of other data written before every timed call")
+    print_table(compare(QUICK_SHAPES if args.quick else SHAPES, args.repeats, cold=args.cold))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import statistics
 
-from bnkit.lab.timing import interleaved_times
+import pytest
+
+from bnkit.lab.timing import compare, interleaved_times
 
 
 class _FakeMachine:
@@ -64,3 +66,29 @@ def test_real_costs_are_told_apart() -> None:
         {"slow": m.step("slow", 3.0), "fast": m.step("fast", 1.0)}, repeats=9, clock=m.clock
     )
     assert statistics.median(times["slow"]) == 3.0 and statistics.median(times["fast"]) == 1.0
+
+
+def test_before_replaces_the_untimed_call() -> None:
+    m = _FakeMachine()
+    times = interleaved_times(
+        {"a": m.step("a"), "b": m.step("b", 2.0)},
+        repeats=2,
+        warmup=0,
+        clock=m.clock,
+        before=lambda: m.calls.append("evict"),
+    )
+    assert m.calls == ["evict", "a", "evict", "b", "evict", "b", "evict", "a"]
+    assert times == {"a": [1.0, 1.0], "b": [2.0, 2.0]}
+
+
+def test_compare_rows_warm_and_cold() -> None:
+    """Both protocols give a row per case with times, ratios and errors against float64;
+    eval rows carry the copy's bandwidth."""
+    for cold in (False, True):
+        rows = compare([(4, 3, 5, 5)], repeats=1, formats=("contiguous",), cold=cold)
+        assert [r["case"] for r in rows] == ["train fwd", "train fwd+bwd", "eval fwd"]
+        for r in rows:
+            assert r["torch_ms"] > 0 and r["bnkit_ms"] > 0
+            assert r["ratio"] == pytest.approx(r["bnkit_ms"] / r["torch_ms"])
+            assert r["bnkit_err"] < 1e-5 and r["torch_err"] < 1e-5
+            assert (r["copy_GBps"] is not None) == (r["case"] == "eval fwd")

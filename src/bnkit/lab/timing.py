@@ -25,6 +25,7 @@ __all__ = [
     "SHAPES",
     "QUICK_SHAPES",
     "compare",
+    "evict",
     "interleaved_times",
     "paired_median_times",
     "print_table",
@@ -45,6 +46,7 @@ def interleaved_times(
     repeats: int,
     warmup: int = 3,
     clock: Callable[[], float] = time.perf_counter,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Wall time of each step in every repeat, the steps timed in turn within a repeat
     (the order alternating between repeats), so that a slow phase of the machine falls on
@@ -56,6 +58,10 @@ def interleaved_times(
     leaves none, and would pay for the other's). So each step is timed in its own steady
     state, paying for its own write-backs, as in a loop that calls only it. ``clock`` is
     there for the test that checks this protocol with a fake clock.
+
+    ``before``, when given, is called instead of that untimed call (e.g. :func:`evict`):
+    each step then starts from caches full of something else, as a layer does in a
+    network, where the layers before and after it use the cache in between.
     """
     for _ in range(warmup):
         for fn in steps.values():
@@ -64,7 +70,10 @@ def interleaved_times(
     names = list(steps)
     for r in range(repeats):
         for k in names if r % 2 == 0 else names[::-1]:
-            steps[k]()
+            if before is None:
+                steps[k]()
+            else:
+                before()
             t0 = clock()
             steps[k]()
             times[k].append(clock() - t0)
@@ -72,10 +81,26 @@ def interleaved_times(
 
 
 def paired_median_times(
-    steps: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 3
+    steps: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 3,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median of :func:`interleaved_times` for each step."""
-    return {k: statistics.median(v) for k, v in interleaved_times(steps, repeats, warmup).items()}
+    times = interleaved_times(steps, repeats, warmup, before=before)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def evict(nbytes: int = 128 << 20) -> Callable[[], None]:
+    """A callable that writes ``nbytes`` (several times any last-level cache) of its own
+    buffer, leaving the caches full of those lines: :func:`interleaved_times`'s
+    ``before`` for a cold-cache measurement."""
+    buf = torch.empty(max(nbytes // 4, 1), dtype=torch.float32)
+
+    def run() -> None:
+        buf.add_(1.0)
+
+    return run
 
 
 def _modules(shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -113,8 +138,12 @@ def compare(
     shapes: list[tuple[int, ...]],
     repeats: int = 20,
     formats: tuple[str, ...] = ("contiguous", "channels_last"),
+    cold: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time torch's and bnkit's modules on each shape, format and case; one row each."""
+    """Time torch's and bnkit's modules on each shape, format and case; one row each.
+    ``cold``: every timed call starts from caches full of other data (:func:`evict`)
+    instead of following an untimed call of the same step."""
+    before = evict() if cold else None
     rows: list[dict[str, Any]] = []
     for shape in shapes:
         for cl in (False, True):
@@ -154,7 +183,7 @@ def compare(
                 if case == "eval fwd":
                     # the same traffic with no arithmetic: what memory allows
                     steps["copy"] = x.clone
-                secs = paired_median_times(steps, repeats)
+                secs = paired_median_times(steps, repeats, before=before)
                 # minimal traffic: fwd reads x, writes y (+1 read for batch stats);
                 # fwd+bwd additionally reads x, grad and writes grad_x.
                 traffic = {"train fwd": 3, "train fwd+bwd": 6, "eval fwd": 2}[case] * nbytes
