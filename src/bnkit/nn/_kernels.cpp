@@ -1023,7 +1023,8 @@ int64_t fuse_block(const Layout& lo, int64_t item_bytes, int inputs) {
   const int64_t nt = at::get_num_threads();
   if (lo.fastest || lo.C < nt || lo.L * item_bytes * inputs < kFuseRun) return 0;
   const int64_t per_channel = lo.N * lo.L * item_bytes * inputs;
-  const int64_t k = std::max<int64_t>(1, (lo.C * per_channel + nt * kFuseBytes - 1) / (nt * kFuseBytes));
+  const int64_t k =
+      std::max<int64_t>(1, (lo.C * per_channel + nt * kFuseBytes - 1) / (nt * kFuseBytes));
   return std::max<int64_t>(1, (lo.C + nt * k - 1) / (nt * k));
 }
 
