@@ -166,8 +166,12 @@ def _shares(model: nn.Module, step: Callable[[], None]) -> tuple[float, float]:
 def main() -> None:
     ap = parser(__doc__, repeats=0)
     ap.add_argument("--quick", action="store_true", help="half the image size, fewer repeats")
-    ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--only", default="", help=f"comma-separated model names: {', '.join(MODELS)}")
     args = setup(ap)
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    if unknown := [n for n in only if n not in MODELS]:
+        ap.error(f"--only: unknown model(s) {', '.join(map(repr, unknown))}; "
+                 f"expected names from {', '.join(map(repr, MODELS))}")  # fmt: skip
     repeats = args.repeats or (5 if args.quick else 9)
     print(f"{repeats} repeats, fast path: {bnkit.nn.fast_path_available()}")
     print(
@@ -176,7 +180,7 @@ def main() -> None:
     )
     ratios: dict[str, list[float]] = {"bnkit": [], "fused": []}
     for name, (make, batch, px) in MODELS.items():
-        if args.only and name not in args.only.split(","):
+        if only and name not in only:
             continue
         px = px // 2 if args.quick and px > 64 else px
         g = torch.Generator().manual_seed(0)
