@@ -739,8 +739,8 @@ inline void out_rows4(const Ptrs<T>& p, int64_t off, int64_t C, const KArrays<T>
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
-    // every load before the first store: rows C * sizeof(T) = 4 KiB apart would make a
-    // store and the next row's load look alike to the CPU (4K aliasing) and wait
+    // the four rows computed before any is stored: a store to y may not be moved past a
+    // load of x that it could alias, so this keeps the compiler free to order them
     T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
     const T v0 = O::out(x[c], go[c], r[c], k, s0);
     const T v1 = O::out(x[C + c], go[C + c], r[C + c], k, s1);

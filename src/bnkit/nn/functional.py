@@ -635,7 +635,10 @@ def normalize_train(
         return y.to(x.dtype), empty, empty.clone()
     fast = _kernels.route(x)
     if fast is not None:
-        y, mean, var = fast.train_node(x, weight, bias, eps=eps)
+        if not _builds_graph(x, weight, bias, None):  # the kernel alone, as apply_batch_norm
+            y, mean, var, _ = fast.forward_train(x, weight, bias, eps=eps)
+        else:
+            y, mean, var = fast.train_node(x, weight, bias, eps=eps)
     else:
         y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
     return y, mean, var

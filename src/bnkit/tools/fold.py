@@ -113,7 +113,8 @@ def _set(layer: Any, weight: Tensor, bias: Tensor) -> None:
 
 
 def _hook_reason(layer: Any, bn: Any) -> str | None:
-    """Folding would drop a BatchNorm's hooks, and change what a layer's see."""
+    """Why a hook forbids folding: the folded layer would not run the BatchNorm's hooks,
+    and the layer's own hooks would see the folded weights and outputs."""
     for m, who in ((bn, "the BatchNorm"), (layer, type(layer).__name__)):
         kinds = _fx.hooks(m)
         if kinds:
