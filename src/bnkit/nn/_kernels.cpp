@@ -16,6 +16,12 @@
 // exact; mean = s + sum(x - s) / n and var = sum((x - s)^2) / n - (sum(x - s) / n)^2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/forward_grad.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1709,4 +1715,154 @@ at::Tensor eval_fn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
                    const c10::optional<at::Tensor>& b, const at::Tensor& running_mean,
                    const at::Tensor& running_var, double eps) {
   return EvalFn::apply(x, w, b, running_mean, running_var, eps);
+}
+
+// ------------------------------------------------------------------- the layer's call
+//
+// A bnkit BatchNorm module's whole forward in one call from Python, for the common case:
+// the checks of functional.validate and _kernels.route, the count in num_batches_tracked,
+// the kernel and, where autograd records the call, its node. A small layer's cost is
+// mostly its Python (each function a cold cache line or several when the layer runs
+// between others in a network); this leaves one Python frame between the module and the
+// kernel. Anything off the common case (a Tensor subclass, a capture, forward-mode AD, a
+// pruned weight, an int momentum, a bad shape, ...) returns None before anything is
+// changed, and the Python path runs: it handles the case, or words the error.
+namespace {
+
+// The Python object as a tensor (an exact Tensor or a Parameter, nothing else), or null.
+const at::Tensor* tensor_arg(PyObject* o) {
+  if (!THPVariable_CheckExact(o)) return nullptr;
+  return &THPVariable_Unpack(o);
+}
+
+// A tensor the kernels may take as the input's partner: plain data on the CPU, no
+// Python-level or functorch dispatch (FakeTensor, a vmap's or grad's wrapper).
+bool plain(const at::Tensor& t) {
+  constexpr auto kOff = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                             c10::DispatchKey::PythonTLSSnapshot,
+                                             c10::DispatchKey::FuncTorchBatched,
+                                             c10::DispatchKey::FuncTorchGradWrapper,
+                                             c10::DispatchKey::Functionalize});
+  return t.defined() && t.is_cpu() && t.layout() == at::kStrided && t.has_storage() &&
+         (t.key_set() & kOff).empty();
+}
+
+// A graph is captured or a transform is active: the ops must be torch's (_kernels.capturing).
+bool capturing_now() {
+  return c10::impl::TorchDispatchModeTLS::stack_len() > 0 || torch::jit::tracer::isTracing() ||
+         // a torch.func transform (vmap, grad, ...) is active: its layer keys are on
+         c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
+}
+
+// A per-channel tensor of the layer: absent (None), or C values of x's dtype on the CPU.
+// false: the common path cannot take it.
+bool channel_arg(PyObject* o, const at::Tensor& x, c10::optional<at::Tensor>& out) {
+  if (o == Py_None) return true;
+  const at::Tensor* t = o ? tensor_arg(o) : nullptr;
+  if (t == nullptr || !plain(*t) || t->dim() != 1 || t->size(0) != x.size(1) ||
+      t->scalar_type() != x.scalar_type())
+    return false;
+  out = *t;
+  return true;
+}
+
+// A buffer this call writes in place through a raw pointer: what an in-place op would
+// accept (contiguous, no autograd history, not an inference tensor outside inference mode).
+bool writable(const at::Tensor& t) {
+  return t.is_contiguous() && !t.requires_grad() &&
+         (!t.is_inference() || c10::InferenceMode::is_enabled());
+}
+
+PyObject* dict_item(PyObject* d, const char* key) {
+  return PyDict_Check(d) ? PyDict_GetItemString(d, key) : nullptr;  // borrowed, or null
+}
+
+}  // namespace
+
+// params / buffers: the module's _parameters and _buffers dicts; training and track: its
+// flags; eps and momentum: its attributes (floats, or momentum None); ranks: the input
+// ranks the class takes. residual (None or a tensor of the input's shape and dtype) and
+// act (check_act's code): act(bn(x) [+ residual]), as fused.batch_norm_act asks. Returns
+// the output, or None (see above).
+py::object layer_forward(py::handle input, py::handle params, py::handle buffers,
+                         py::handle training, py::handle track, py::handle eps_obj,
+                         py::handle momentum, py::handle ranks, int64_t num_features,
+                         py::handle residual, int64_t act) {
+  const py::object decline = py::none();
+  const at::Tensor* xp = tensor_arg(input.ptr());
+  if (xp == nullptr || !PyBool_Check(training.ptr()) || !PyBool_Check(track.ptr()) ||
+      !PyFloat_CheckExact(eps_obj.ptr()) || !PyTuple_Check(ranks.ptr()))
+    return decline;
+  const at::Tensor& x = *xp;
+  if (!plain(x) || !(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ||
+      x.dim() < 2 || x.size(1) != num_features || x.numel() == 0 || !usable(x))
+    return decline;
+  check_act(act, "bnkit layer_forward");  // a code only bnkit's Python passes: a bug if bad
+  c10::optional<at::Tensor> res;
+  if (residual.ptr() != Py_None) {
+    const at::Tensor* r = tensor_arg(residual.ptr());
+    if (r == nullptr || !plain(*r) || r->sizes() != x.sizes() ||
+        r->scalar_type() != x.scalar_type())
+      return decline;
+    res = *r;
+  }
+  bool rank_ok = false;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ranks.ptr()); ++i)
+    rank_ok = rank_ok || PyLong_AsLongLong(PyTuple_GET_ITEM(ranks.ptr(), i)) == x.dim();
+  if (!rank_ok || PyErr_Occurred()) {
+    PyErr_Clear();
+    return decline;
+  }
+  double mom = -1.0;  // -1: momentum=None, the cumulative average
+  if (momentum.ptr() != Py_None) {
+    if (!PyFloat_CheckExact(momentum.ptr())) return decline;
+    mom = PyFloat_AS_DOUBLE(momentum.ptr());
+    if (!(mom >= 0.0 && mom <= 1.0)) return decline;
+  }
+  c10::optional<at::Tensor> w, b, rm, rv;
+  if (!channel_arg(dict_item(params.ptr(), "weight"), x, w) ||
+      !channel_arg(dict_item(params.ptr(), "bias"), x, b) ||
+      !channel_arg(dict_item(buffers.ptr(), "running_mean"), x, rm) ||
+      !channel_arg(dict_item(buffers.ptr(), "running_var"), x, rv))
+    return decline;
+  PyObject* nbt_obj = dict_item(buffers.ptr(), "num_batches_tracked");
+  if (nbt_obj == nullptr || capturing_now()) return decline;
+  const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
+  const bool is_training = training.ptr() == Py_True, tracks = track.ptr() == Py_True;
+  const bool batch_stats = is_training || (!rm && !rv);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || (w && w->requires_grad()) ||
+                     (b && b->requires_grad()) || (res && res->requires_grad()));
+  if (!batch_stats) {
+    // eval with the running statistics (both there: one alone is the Python path's error;
+    // its node has no activation, which the Python path adds with torch's ops)
+    if (!(eps >= 0.0) || !rm || !rv || rm->requires_grad() || rv->requires_grad() ||
+        (grad && (res || act != kNoAct)))
+      return decline;
+    if (grad) return py::cast(EvalFn::apply(x, w, b, *rm, *rv, eps));
+    return py::cast(forward_eval(x, *rm, *rv, w, b, eps, res, act));
+  }
+  // training (or no running statistics): batch statistics, more than one value a channel
+  if (!(eps > 0.0) || x.numel() == x.size(1)) return decline;
+  const bool update = is_training && tracks;  // else the buffers are neither used nor updated
+  if (!update) rm = rv = c10::nullopt;
+  at::Tensor nbt;
+  double f = 0.0;
+  if (update) {
+    const at::Tensor* n = nbt_obj == Py_None ? nullptr : tensor_arg(nbt_obj);
+    if (n == nullptr || !plain(*n) || n->scalar_type() != at::kLong || n->numel() != 1 ||
+        !writable(*n) || (rm.has_value() != rv.has_value()) ||
+        (rm && !(writable(*rm) && writable(*rv))))
+      return decline;
+    nbt = *n;
+  }
+  if (update) {  // count the batch, as count_batch does
+    int64_t* count = nbt.data_ptr<int64_t>();
+    *count += 1;
+    nbt.unsafeGetTensorImpl()->bump_version();
+    f = mom >= 0.0 ? mom : 1.0 / static_cast<double>(*count);
+  }
+  if (grad) return py::cast(TrainFn::apply(x, w, b, res, rm, rv, f, eps, act)[0]);
+  return py::cast(forward_train(x, w, b, eps, rm, rv, f, res, act)[0]);
 }

@@ -80,10 +80,11 @@ def backend() -> str:
 
 def set_backend(name: str) -> None:
     """Choose the backend for this process (overrides ``BNKIT_BACKEND``)."""
-    global _choice
+    global _choice, layer_call
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _choice = name
+    layer_call = None  # set again by get() when it returns the C++ module
 
 
 def _build() -> Any:
@@ -125,6 +126,7 @@ def _build() -> Any:
             "train_fn",
             "eval_fn",
             "set_graph_backward",
+            "layer_forward",
         ],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -134,11 +136,13 @@ def _build() -> Any:
 
 def get() -> Any:
     """The loaded C++ module, or None for the plain path (building it on first use)."""
-    global _module, _failed
+    global _module, _failed, layer_call
     choice = backend()
     if choice == "plain":
         return None
     if _module is not None:
+        if layer_call is None:
+            layer_call = _module.layer_forward
         return _module
     if _failed is not None and choice == "auto":
         return None
@@ -164,6 +168,11 @@ def get() -> Any:
                 )
     return _module
 
+
+# The C++ module's ``layer_forward`` (a BatchNorm module's whole common-case forward in one
+# call; it returns None for anything else) once get() has loaded the module and the backend
+# allows it; None until then and after set_backend().
+layer_call: Any = None
 
 _graph_backward: tuple[Any, Any] | None = None
 

@@ -16,7 +16,7 @@ from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm as TorchBatchNorm
 from torch.nn.modules.batchnorm import _NormBase
 
-from bnkit.nn import _export
+from bnkit.nn import _export, _kernels
 from bnkit.nn import functional as F
 from bnkit.nn._tensors import layer_tensor
 
@@ -133,6 +133,32 @@ def validate_layer(
     )
 
 
+def one_call(m: Any, input: Tensor, residual: Tensor | None, act: int) -> Tensor | None:
+    """``act(m(input) [+ residual])`` for bnkit's BatchNorm module ``m`` in one C++ call
+    (``layer_forward`` in _kernels.cpp: the checks, the count, the kernel and, where
+    autograd records the call, its node), or None, having changed nothing, where the call
+    is not the common one (a plain CPU tensor, nothing captured, every argument valid): the
+    Python path then handles the case or words the error. (A small layer's time is mostly
+    its Python, all the more where it runs between other layers: each function it passes
+    through is a few cold cache lines.)"""
+    call = _kernels.layer_call
+    if call is None or torch.compiler.is_compiling():
+        return None
+    return call(  # type: ignore[no-any-return]
+        input,
+        m._parameters,
+        m._buffers,
+        m.training,
+        m.track_running_stats,
+        m.eps,
+        m.momentum,
+        m._ranks,
+        m.num_features,
+        residual,
+        act,
+    )
+
+
 def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
     """The running-statistic update of BatchNorm-like ``m`` (torch's rule, counter
     included) from statistics computed elsewhere: the mean and biased variance of ``n``
@@ -212,6 +238,9 @@ class BatchNormBase(TorchBatchNorm):
         validate_layer(self, input, batch_stats)
 
     def forward(self, input: Tensor) -> Tensor:
+        y = one_call(self, input, None, 0)
+        if y is not None:
+            return y
         return self._forward(input, None, 0)
 
     def _forward(self, input: Tensor, residual: Tensor | None, act: int) -> Tensor:

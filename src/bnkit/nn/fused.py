@@ -21,7 +21,7 @@ from torch.nn import Module
 
 from bnkit.nn import _kernels
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from bnkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, one_call
 
 __all__ = ["ACTIVATIONS", "batch_norm_act"]
 
@@ -52,6 +52,10 @@ def batch_norm_act(
         activation: ``"relu"``, ``"relu6"`` or ``None``
     """
     act = _code(activation)
+    if type(bn) in _FUSABLE:
+        y = one_call(bn, input, residual, act)
+        if y is not None:
+            return y
     fusable = type(bn) in _FUSABLE and isinstance(input, Tensor)
     if fusable and residual is not None:
         # (not while a graph is captured: the shape test would be recorded as a constant,
