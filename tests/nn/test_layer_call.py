@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnkit
 from bnkit.nn import _kernels
+from bnkit.nn.fused import batch_norm_act
 from tests.conftest import random_input
 
 C = 5
@@ -154,7 +155,8 @@ def test_common_calls_match_the_python_path_bit_for_bit(
 
 
 def test_the_module_takes_it(cpp: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """BatchNorm1d/2d/3d's forward goes through the one call (the Python path unused)."""
+    """BatchNorm1d/2d/3d's forward and the fused call go through the one call (the
+    Python path unused)."""
 
     def python_path(*args: Any) -> None:
         raise AssertionError("the Python path ran")
@@ -167,8 +169,13 @@ def test_the_module_takes_it(cpp: None, monkeypatch: pytest.MonkeyPatch) -> None
     ):
         x = random_input(shape).requires_grad_()
         m(x).sum().backward()
+        res = random_input(shape).requires_grad_()
+        batch_norm_act(m, x, res, "relu").sum().backward()
+        assert res.grad is not None
         m.eval()(x)
-        assert int(m.num_batches_tracked) == 1
+        with torch.no_grad():
+            batch_norm_act(m.eval(), x, res, "relu6")
+        assert int(m.num_batches_tracked) == 2
 
 
 class _Sub(torch.Tensor):
