@@ -1,5 +1,5 @@
 """The C++ fast path built two other ways and run through the parity and hardening tests
-in a subprocess:
+in a subprocess (the module's one call too: its declines read odd objects):
 
 * ``-DBNKIT_PORTABLE``: no x86 intrinsics, the code aarch64 and every other architecture
   compile (its Writer once overflowed its stack buffer there), with every output streamed
@@ -27,6 +27,7 @@ TESTS = [
     "tests/nn/test_hardening.py",
     "tests/nn/test_kernels.py",
     "tests/nn/test_fused.py",
+    "tests/nn/test_layer_call.py",
 ]
 
 
