@@ -229,6 +229,7 @@ OFF: dict[str, Callable[[], tuple[nn.Module, Any, Any]]] = {
     "pruned weight": lambda: (_pruned(), _x(), None),
     "wrong channels": lambda: (bnkit.BatchNorm2d(C), _x((4, C + 1, 3, 3)), None),
     "wrong rank": lambda: (bnkit.BatchNorm2d(C), _x((4, C, 3)), None),
+    "ranks not ints": lambda: (_set(bnkit.BatchNorm2d(C), _ranks=(2**70, "4", 4.0)), _x(), None),
     "one value per channel": lambda: (bnkit.BatchNorm2d(C), _x((1, C, 1, 1)), None),
     "empty": lambda: (bnkit.BatchNorm2d(C), _x((0, C, 3, 3)), None),
     "half input": lambda: (bnkit.BatchNorm2d(C), _x(dtype=torch.float16), None),

@@ -1807,13 +1807,18 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
       return decline;
     res = *r;
   }
-  bool rank_ok = false;
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ranks.ptr()); ++i)
-    rank_ok = rank_ok || PyLong_AsLongLong(PyTuple_GET_ITEM(ranks.ptr(), i)) == x.dim();
-  if (!rank_ok || PyErr_Occurred()) {
-    PyErr_Clear();
-    return decline;
+  bool rank_ok = false;  // (an empty tuple: the class names no rank, the Python path checks)
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ranks.ptr()) && !rank_ok; ++i) {
+    PyObject* r = PyTuple_GET_ITEM(ranks.ptr(), i);
+    if (!PyLong_CheckExact(r)) continue;
+    const long long v = PyLong_AsLongLong(r);
+    if (v == -1 && PyErr_Occurred()) {  // beyond long long: never a rank
+      PyErr_Clear();
+      continue;
+    }
+    rank_ok = v == x.dim();
   }
+  if (!rank_ok) return decline;
   double mom = -1.0;  // -1: momentum=None, the cumulative average
   if (momentum.ptr() != Py_None) {
     if (!PyFloat_CheckExact(momentum.ptr())) return decline;
