@@ -1852,7 +1852,6 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
   if (!(eps > 0.0) || x.numel() == x.size(1)) return decline;
   const bool update = is_training && tracks;  // else the buffers are neither used nor updated
   if (!update) rm = rv = c10::nullopt;
-  at::Tensor nbt;
   double f = 0.0;
   if (update) {
     const at::Tensor* n = nbt_obj == Py_None ? nullptr : tensor_arg(nbt_obj);
@@ -1860,12 +1859,10 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
         !writable(*n) || (rm.has_value() != rv.has_value()) ||
         (rm && !(writable(*rm) && writable(*rv))))
       return decline;
-    nbt = *n;
-  }
-  if (update) {  // count the batch, as count_batch does
-    int64_t* count = nbt.data_ptr<int64_t>();
+    // the last check passed: count the batch, as count_batch does
+    int64_t* count = n->data_ptr<int64_t>();
     *count += 1;
-    nbt.unsafeGetTensorImpl()->bump_version();
+    n->unsafeGetTensorImpl()->bump_version();
     f = mom >= 0.0 ? mom : 1.0 / static_cast<double>(*count);
   }
   if (grad) return py::cast(TrainFn::apply(x, w, b, res, rm, rv, f, eps, act)[0]);

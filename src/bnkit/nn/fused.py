@@ -53,21 +53,21 @@ def batch_norm_act(
     """
     act = _code(activation)
     if type(bn) in _FUSABLE:
-        y = one_call(bn, input, residual, act)
+        assert isinstance(bn, BatchNormBase)
+        y = one_call(bn, input, residual, act)  # the common call, in one C++ call
         if y is not None:
             return y
-    fusable = type(bn) in _FUSABLE and isinstance(input, Tensor)
-    if fusable and residual is not None:
-        # (not while a graph is captured: the shape test would be recorded as a constant,
-        # and the kernels step aside there anyway)
-        fusable = (
-            isinstance(residual, Tensor)
-            and not _kernels.capturing(input)
-            and residual.shape == input.shape
-            and residual.dtype == input.dtype
-            and residual.device == input.device
-        )
-    if fusable:
-        assert isinstance(bn, BatchNormBase)
-        return bn._forward(input, residual, act)
+        # (the residual is checked here, not while a graph is captured: the shape test
+        # would be recorded as a constant, and the kernels step aside there anyway)
+        if isinstance(input, Tensor) and (
+            residual is None
+            or (
+                isinstance(residual, Tensor)
+                and not _kernels.capturing(input)
+                and residual.shape == input.shape
+                and residual.dtype == input.dtype
+                and residual.device == input.device
+            )
+        ):
+            return bn._forward(input, residual, act)
     return F.finish_activation(bn(input), residual, act)
