@@ -5,7 +5,7 @@
 // sequential stream per thread (what the hardware prefetcher follows best):
 //   pass 1, the sums: NCHW (N, C, L) runs in order, each added to its channel's lanes
 //     (LaneSums); channels-fastest (R, C) (channels_last, 2D input) rows, vectorised over
-//     C; in the input type for at most kChunk values a lane, then in double; per-thread
+//     C; in the input type for a few values a lane, then in double; per-thread
 //     partial sums merged at the end.
 //   pass 2, the output, with the per-channel coefficients from the sums: after pass 1 each
 //     thread takes the same range, last block first, so that it finds what it read last
@@ -48,6 +48,7 @@
 namespace {
 
 constexpr int64_t kChunk = 256;      // values summed in the input type before a flush
+constexpr int64_t kLaneChunk = 8;    // lane steps an NCHW lane sums in T (see LaneSums)
 // enough samples to put the shift within a fraction of a std of the mean
 constexpr int64_t kShiftSamples = 16;
 
@@ -845,34 +846,44 @@ void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool rev
 
 // One channel's NCHW sums, kept in kLanes independent lanes (four AVX vectors of T): with
 // the single vector accumulator of a plain reduction every add waits for the previous
-// one (the NCHW statistics ran at a third of a plain sum's speed). Each lane sums at most
-// kChunk values in T, then the lanes go to a double (flush); the same bound on what is
-// summed in T as the row sums have. 320 bytes a channel (float), so that a thread can
-// keep one for every channel of a long stream of short runs.
+// one. Each lane sums at most kLaneChunk values in T, then the lanes are added, eight at
+// a time, to eight double lanes (flush). The chunk is short because the error of a sum
+// in T grows with the number of terms, and on data with many equal values (the zeros
+// after a ReLU, each giving the same (x - s)^2) the rounding errors of the terms do not
+// cancel: 256 terms a lane made the NCHW statistics ~20x less accurate than torch's on
+// ReLU output; 8 terms make them as accurate (tests/nn/test_accuracy.py). 384 bytes a
+// channel (float), so that a thread can keep one for every channel of a long stream of
+// short runs.
 template <typename T>
 struct LaneSums {
   static constexpr int64_t kLanes = 128 / static_cast<int64_t>(sizeof(T));
+  static constexpr int64_t kWide = 8;  // double lanes
   alignas(64) T q1[kLanes] = {};
   alignas(64) T q2[kLanes] = {};
-  double d1 = 0, d2 = 0;
-  int64_t count = 0;  // values per lane in q1, q2 (at most kChunk)
+  alignas(64) double e1[kWide] = {};
+  alignas(64) double e2[kWide] = {};
+  int64_t count = 0;  // values per lane in q1, q2 (at most kLaneChunk)
 
-  void flush() {
-    double a1 = 0, a2 = 0;
-    for (int64_t j = 0; j < kLanes; ++j) {
-      a1 += static_cast<double>(q1[j]);
-      a2 += static_cast<double>(q2[j]);
-      q1[j] = T(0);
-      q2[j] = T(0);
+  // w += the lanes a, eight at a time
+  static inline void widen(double* w1, double* w2, const T* a1, const T* a2) {
+    for (int64_t j = 0; j < kLanes; j += kWide) {
+#pragma omp simd
+      for (int64_t i = 0; i < kWide; ++i) {
+        w1[i] += static_cast<double>(a1[j + i]);
+        w2[i] += static_cast<double>(a2[j + i]);
+      }
     }
-    d1 += a1;
-    d2 += a2;
+  }
+  void flush() {
+    widen(e1, e2, q1, q2);
+    std::fill(q1, q1 + kLanes, T(0));
+    std::fill(q2, q2 + kLanes, T(0));
     count = 0;
   }
   void totals(double& a1, double& a2) {
     flush();
-    a1 = d1;
-    a2 = d2;
+    a1 = ((e1[0] + e1[1]) + (e1[2] + e1[3])) + ((e1[4] + e1[5]) + (e1[6] + e1[7]));
+    a2 = ((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7]));
   }
 
   // The Op's sums over n contiguous values (scalars k) added to lanes a1, a2.
@@ -902,37 +913,64 @@ struct LaneSums {
     }
   }
 
-  // Adds the Op's sums over one contiguous run of n values (scalars k). On a long run the
-  // lanes are worked on as local copies: through the members the compiler must assume
-  // that they may alias the input, and stores and reloads them every step (a
-  // store-to-load chain as slow as a single accumulator; (32, 64, 56, 56): 0.31 against
-  // 0.18 ms). A short run (14x14 and less) is worth no copy in and out (A/B: 1.7x the
-  // time on (64, 512, 7, 7)); nor was adding four samples' runs of a channel at once
-  // (1.2x).
+  // The Op's sums over 2 * kLaneChunk lane steps added to lanes a1, a2 as kLaneChunk
+  // sums of two values each (the error of kLaneChunk terms, at half the widening).
+  template <typename O>
+  static inline void pairs(T* a1_, T* a2_, const T* xp, const T* gp, const T* rp,
+                           const K<T>& k) {
+    T* a1 = static_cast<T*>(__builtin_assume_aligned(a1_, 64));
+    T* a2 = static_cast<T*>(__builtin_assume_aligned(a2_, 64));
+    for (int64_t l = 0; l < 2 * kLaneChunk * kLanes; l += 2 * kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        T u, v, u2, v2;
+        const int64_t i = l + j, i2 = l + kLanes + j;
+        O::sum(xp[i], O::kReadsGo ? gp[i] : T(0), O::kReadsR ? rp[i] : T(0), k, u, v);
+        O::sum(xp[i2], O::kReadsGo ? gp[i2] : T(0), O::kReadsR ? rp[i2] : T(0), k, u2, v2);
+        a1[j] += u + u2;
+        a2[j] += v + v2;
+      }
+    }
+  }
+
+  // Adds the Op's sums over one contiguous run of n values (scalars k). A long run goes
+  // in whole chunks, each summed in fresh local lanes and widened into local copies of
+  // the double lanes: through the members the compiler must assume that they may alias
+  // the input, and stores and reloads them every step (a store-to-load chain as slow as
+  // a single accumulator). What is left (a short run: 14x14 and less, or a run's tail)
+  // goes to the member lanes, which carry a chunk over from run to run.
   template <typename O>
   inline void add(const T* xp, const T* gp, const T* rp, int64_t n, const K<T>& k) {
+    constexpr int64_t kStep = kLaneChunk * kLanes;
     int64_t l = 0;
-    while (l < n) {
-      if (count == kChunk) flush();
-      const int64_t m = std::min(n - l, (kChunk - count) * kLanes);  // whole lanes but the tail
-      const T* g = O::kReadsGo ? gp + l : nullptr;
-      const T* r = O::kReadsR ? rp + l : nullptr;
-      if (m >= kLocal * kLanes) {
-        alignas(64) T a1[kLanes], a2[kLanes];
-        std::memcpy(a1, q1, sizeof(a1));
-        std::memcpy(a2, q2, sizeof(a2));
-        sweep<O>(a1, a2, xp + l, g, r, m, k);
-        std::memcpy(q1, a1, sizeof(a1));
-        std::memcpy(q2, a2, sizeof(a2));
-      } else {
-        sweep<O>(q1, q2, xp + l, g, r, m, k);
+    if (n >= kStep) {
+      alignas(64) double w1[kWide], w2[kWide];
+      std::memcpy(w1, e1, sizeof(w1));
+      std::memcpy(w2, e2, sizeof(w2));
+      for (; l + 2 * kStep <= n; l += 2 * kStep) {
+        alignas(64) T a1[kLanes] = {}, a2[kLanes] = {};
+        pairs<O>(a1, a2, xp + l, O::kReadsGo ? gp + l : nullptr, O::kReadsR ? rp + l : nullptr,
+                 k);
+        widen(w1, w2, a1, a2);
       }
+      for (; l + kStep <= n; l += kStep) {
+        alignas(64) T a1[kLanes] = {}, a2[kLanes] = {};
+        sweep<O>(a1, a2, xp + l, O::kReadsGo ? gp + l : nullptr, O::kReadsR ? rp + l : nullptr,
+                 kStep, k);
+        widen(w1, w2, a1, a2);
+      }
+      std::memcpy(e1, w1, sizeof(w1));
+      std::memcpy(e2, w2, sizeof(w2));
+    }
+    while (l < n) {
+      if (count == kLaneChunk) flush();
+      const int64_t m = std::min(n - l, (kLaneChunk - count) * kLanes);  // whole lanes but the tail
+      sweep<O>(q1, q2, xp + l, O::kReadsGo ? gp + l : nullptr, O::kReadsR ? rp + l : nullptr, m,
+               k);
       l += m;
       count += (m + kLanes - 1) / kLanes;
     }
   }
-
-  static constexpr int64_t kLocal = 8;  // lane steps from which a run works on local copies
 };
 
 // Per-channel (sum u, sum v) of the Op over an NCHW input, read front to back as one
