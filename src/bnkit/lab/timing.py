@@ -5,7 +5,8 @@ forward, through the public modules (autograd and output allocation included), m
 time after warm-up (the two timed in turn within every repeat), ratio bnkit/torch (< 1
 means bnkit is faster), effective bandwidth against the minimal traffic, and max abs
 error vs a float64 closed form: of the output (train fwd; eval fwd, with each module's
-own running statistics) or of the input gradient (train fwd+bwd).
+own running statistics) or of the input gradient (train fwd+bwd), and the error ratio
+bnkit/torch (the worse of the timed data and ReLU-like data; <= 1: as accurate as torch).
 """
 
 from __future__ import annotations
@@ -191,6 +192,15 @@ def compare(
                 for name, m in (("torch", t), ("bnkit", b)):
                     err = _error(case, m, x, grad)
                     res[name] = (secs[name], traffic / secs[name] / 1e9, err)
+                # accuracy on the timed (offset) data and on ReLU-like data (non-negative,
+                # half zeros: what follows every ReLU), as the worse ratio to torch's
+                relu = torch.relu(torch.randn(shape, generator=g)) * 2
+                if cl:
+                    relu = relu.contiguous(memory_format=torch.channels_last)
+                err_ratio = max(
+                    res["bnkit"][2] / max(res["torch"][2], 1e-30),
+                    _error(case, b, relu, grad) / max(_error(case, t, relu, grad), 1e-30),
+                )
                 rows.append(
                     {
                         "shape": shape,
@@ -203,6 +213,7 @@ def compare(
                         "bnkit_GBps": res["bnkit"][1],
                         "torch_err": res["torch"][2],
                         "bnkit_err": res["bnkit"][2],
+                        "err_ratio": err_ratio,
                         "copy_GBps": traffic / secs["copy"] / 1e9 if "copy" in secs else None,
                     }
                 )
@@ -216,7 +227,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'shape':<20} {'format':<14} {'case':<14} {'torch ms':>9} {'bnkit ms':>9} "
         f"{'ratio':>6} {'torch GB/s':>10} {'bnkit GB/s':>10} {'copy GB/s':>9} "
-        f"{'torch err':>9} {'bnkit err':>9}"
+        f"{'torch err':>9} {'bnkit err':>9} {'err ratio':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -225,11 +236,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{r['shape']!s:<20} {r['format']:<14} {r['case']:<14} {r['torch_ms']:>9.2f} "
             f"{r['bnkit_ms']:>9.2f} {r['ratio']:>6.2f} {r['torch_GBps']:>10.1f} "
-            f"{r['bnkit_GBps']:>10.1f} {copy:>9} {r['torch_err']:>9.1e} {r['bnkit_err']:>9.1e}"
+            f"{r['bnkit_GBps']:>10.1f} {copy:>9} {r['torch_err']:>9.1e} {r['bnkit_err']:>9.1e} "
+            f"{r['err_ratio']:>9.2f}"
         )
     for case in ("train fwd", "train fwd+bwd", "eval fwd"):
         ratios = [float(r["ratio"]) for r in rows if r["case"] == case]
         if not ratios:
             continue
         geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
-        print(f"geomean ratio bnkit/torch, {case:<14}: {geo:.2f}  (max {max(ratios):.2f})")
+        worst = max(float(r["err_ratio"]) for r in rows if r["case"] == case)
+        print(
+            f"geomean ratio bnkit/torch, {case:<14}: {geo:.2f}  (max {max(ratios):.2f}); "
+            f"worst error ratio {worst:.2f}"
+        )

@@ -92,13 +92,17 @@ def is_batchnorm(module: Module) -> bool:
     return isinstance(module, TorchBatchNorm)
 
 
-def count_batch(m: Any) -> float:
+def count_batch(m: Any) -> float | Tensor:
     """Count one training batch in ``m.num_batches_tracked`` and return the weight of its
     statistics in the running average: ``momentum``, or ``1 / count`` for
-    ``momentum=None`` (the cumulative average). Works on torch's BatchNorm too."""
+    ``momentum=None`` (the cumulative average). Works on torch's BatchNorm too. Under
+    ``torch.compile`` the cumulative weight stays a tensor (reading the counter into a
+    Python number would break the graph)."""
     m.num_batches_tracked.add_(1)
     if m.momentum is not None:  # reading the counter is a tensor read: only when needed
         return float(m.momentum)
+    if torch.compiler.is_compiling():
+        return F.running_factor(None, m.num_batches_tracked)
     return float(F.running_factor(None, int(m.num_batches_tracked)))
 
 
@@ -260,7 +264,7 @@ class BatchNormBase(TorchBatchNorm):
             return F.finish_activation(TorchBatchNorm.forward(self, input), residual, act)
         weight, bias = layer_tensor(self, "weight"), layer_tensor(self, "bias")
         validate_layer(self, input, bn_training, (running_mean, running_var, weight, bias))
-        factor = 0.0
+        factor: float | Tensor = 0.0
         track = self.track_running_stats
         if training and track and layer_tensor(self, "num_batches_tracked") is not None:
             factor = count_batch(self)

@@ -461,10 +461,12 @@ def running_factor(momentum: float | None, count: int | Tensor) -> float | Tenso
 
 
 class _TrainNorm(torch.autograd.Function):
-    """Training-mode normalization with batch statistics and a hand-derived backward.
+    """Training-mode normalization with batch statistics and a hand-derived backward (and
+    forward-mode derivative), in eager mode (dynamo refuses a Function with a custom
+    ``jvp``: under ``torch.compile`` :func:`_compiled_train` runs instead).
 
     Outputs ``(y, mean, var)``; ``mean`` (acc dtype) and ``var`` (biased, acc dtype) are
-    not differentiable. Saves ``x``, ``weight``, ``mean`` and ``invstd`` for backward,
+    not differentiable. Saves ``x``, ``weight``, ``mean`` and ``var`` for backward,
     as torch's native kernel does.
     """
 
@@ -639,9 +641,34 @@ def normalize_train(
             y, mean, var, _ = fast.forward_train(x, weight, bias, eps=eps)
         else:
             y, mean, var = fast.train_node(x, weight, bias, eps=eps)
+    elif torch.compiler.is_compiling():
+        y, mean, var = _compiled_train(x, weight, bias, eps)
     else:
         y, mean, var = _TrainNorm.apply(x, weight, bias, eps)
     return y, mean, var
+
+
+def _compiled_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training normalization as ``torch.compile`` sees it: differentiable torch ops
+    in the compute dtype, from which AOTAutograd derives the backward and inductor fuses
+    both passes as it does torch's own decomposition (``var_mean``: a Welford reduction);
+    float64 sums or per-element float64 scale factors in the generated loops would make
+    the compiled step slower than torch's compiled step. The statistics are returned
+    detached, in the accumulation dtype."""
+    cdt = _compute_dtype(x)
+    shape = channel_shape(x)
+    xc = x.to(cdt)
+    var, mean = torch.var_mean(xc, [0, *range(2, x.dim())], correction=0)
+    invstd = torch.rsqrt(var + eps)
+    y = (xc - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.to(cdt).view(shape)
+    if bias is not None:
+        y = y + bias.to(cdt).view(shape)
+    acc = _acc_dtype(x)
+    return y.to(x.dtype), mean.detach().to(acc), var.detach().to(acc)
 
 
 def eval_graph_backward(
@@ -707,6 +734,10 @@ def normalize_eval(
     cdt = _compute_dtype(x)
     shape = channel_shape(x)
     acc = _acc_dtype(x) if cdt != torch.float64 else torch.float64
+    if torch.compiler.is_compiling():
+        # inductor recomputes per-channel factors inside the per-element loop: float64
+        # there costs ~10% of a compiled eval forward (torch's compiled kernel: float32)
+        acc = cdt
     invstd = inv_std(running_var.to(acc), eps)
     scale, shift = _affine(weight, bias, invstd)
     d = x.to(cdt) - running_mean.to(cdt).view(shape)
@@ -777,7 +808,7 @@ def apply_batch_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    factor: float,
+    factor: float | Tensor,
     eps: float,
     residual: Tensor | None = None,
     act: int = 0,
