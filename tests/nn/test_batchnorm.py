@@ -189,7 +189,7 @@ def test_channels_last_in_channels_last_out() -> None:
 
 def test_half_precision_parameters_error_for_mismatched_input_dtype() -> None:
     b = bnkit.BatchNorm2d(3).double()
-    with pytest.raises(TypeError, match="float64 but the input is torch.float32"):
+    with pytest.raises(RuntimeError, match="float64 but the input is torch.float32"):
         b(random_input((4, 3, 2, 2)))
 
 
@@ -235,8 +235,21 @@ def test_eps_validation_like_torch() -> None:
     with pytest.raises(ValueError, match="eps must be positive during training, but got 0"):
         bnkit.BatchNorm2d(3, eps=0)(random_input((2, 3, 2, 2)))
     assert bnkit.BatchNorm2d(3, eps=0).eval()(random_input((2, 3, 2, 2))).isfinite().all()
-    with pytest.raises(ValueError, match="eps must be non-negative"):
-        bnkit.BatchNorm2d(3, eps=-1.0)
+    # eps=-1 constructs, as torch's does; its forward says what is wrong
+    negative = bnkit.BatchNorm2d(3, eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be positive during training, but got -1"):
+        negative(random_input((2, 3, 2, 2)))
+    with pytest.raises(ValueError, match="eps must be non-negative, but got -1"):
+        negative.eval()(random_input((2, 3, 2, 2)))
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        # eps is checked before the dtypes, as torch does
+        bnkit.functional.batch_norm(
+            random_input((2, 3), dtype=torch.float64),
+            torch.zeros(3),
+            torch.ones(3),
+            training=True,
+            eps=0.0,
+        )
     with pytest.raises(ValueError, match="eps must be non-negative, but got -1"):
         bnkit.functional.batch_norm(random_input((2, 3)), torch.zeros(3), torch.ones(3), eps=-1)
 

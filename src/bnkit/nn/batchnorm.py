@@ -55,8 +55,8 @@ other libraries treat it as theirs) whose forward and backward are bnkit's own. 
 graph is captured for export, eval mode records torch's ``batch_norm`` op (see
 :mod:`bnkit.nn._export`); ``torch.jit.script`` compiles torch's module on the same tensors.
 
-Differences from torch (all stricter, none change a valid result): arguments are
-validated at construction (momentum outside [0, 1], negative eps), and a bad input
+Differences from torch (all stricter, none change a valid result): momentum outside
+[0, 1] is rejected at construction (eps, as in torch, at the forward), and a bad input
 (wrong rank, channel count or dtype, one value per channel in training) is rejected
 *before* ``num_batches_tracked`` is incremented, with the layer named in the message.
 Statistics are computed with a shifted two-pass scheme and float64 partial sums, so they
@@ -132,7 +132,9 @@ def validate_layer(
         weight=tensors[2],
         bias=tensors[3],
         ranks=m._ranks,
-        num_features=m.num_features,
+        # torch's lazy form with affine=False and track_running_stats=False has nothing
+        # to infer: it keeps num_features 0 and takes any channel count (as torch does)
+        num_features=None if m.num_features == 0 and tensors == (None,) * 4 else m.num_features,
         momentum=getattr(m, "momentum", None),
     )
 
@@ -146,7 +148,7 @@ def one_call(m: Any, input: Tensor, residual: Tensor | None, act: int) -> Tensor
     its Python, all the more where it runs between other layers: each function it passes
     through is a few cold cache lines.)"""
     call = _kernels.layer_call
-    if call is None or torch.compiler.is_compiling():
+    if call is None or torch.compiler.is_compiling() or not _plain_class(type(m)):
         return None
     return call(  # type: ignore[no-any-return]
         input,
@@ -161,6 +163,23 @@ def one_call(m: Any, input: Tensor, residual: Tensor | None, act: int) -> Tensor
         residual,
         act,
     )
+
+
+_OVERRIDE_POINTS = ("_forward", "_validate", "_layer_name")
+_PLAIN: dict[type, bool] = {}
+
+
+def _plain_class(cls: type) -> bool:
+    """``cls`` overrides none of the documented override points of :class:`BatchNormBase`
+    (``_forward``, ``_validate``, ``_layer_name``): only then may the C++ one-call, which
+    does their work itself, stand in for them. (Cached per class.)"""
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        lazy = issubclass(cls, _LazyBatchNorm)
+        base = _LazyBatchNorm if lazy else BatchNormBase
+        plain = all(getattr(cls, k) is getattr(base, k) for k in _OVERRIDE_POINTS)
+        _PLAIN[cls] = plain
+    return plain
 
 
 def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
@@ -181,7 +200,12 @@ def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
 class BatchNormBase(TorchBatchNorm):
     """Shared base: a subclass of ``torch.nn.modules.batchnorm._BatchNorm`` (so torch's
     helpers and other libraries treat every bnkit BatchNorm as a BatchNorm) whose forward
-    is bnkit's own. Parameters, buffers, ``reset_*`` and state_dict versioning are torch's."""
+    is bnkit's own. Parameters, buffers, ``reset_*`` and state_dict versioning are torch's.
+
+    Override points for subclasses, honoured on every call: ``_forward(input, residual,
+    act)`` (the whole computation), ``_validate(input, batch_stats)`` (the checks) and
+    ``_layer_name()`` (the name in messages); ``forward`` may be overridden too. A class
+    that overrides one of the first three never takes the C++ one-call path."""
 
     _ranks: tuple[int, ...] = ()
 
@@ -203,7 +227,8 @@ class BatchNormBase(TorchBatchNorm):
                 f"{name}: num_features must be a non-negative int (the channel count), "
                 f"got {num_features!r}"
             )
-        F.check_eps(eps, training=False, where=name)
+        # eps is checked at the forward, as torch does (eps=-1 constructs; the training
+        # forward says "eps must be positive")
         F.check_momentum(momentum, where=name)
         if momentum is not None and momentum > 0.5:
             warnings.warn(
@@ -263,7 +288,10 @@ class BatchNormBase(TorchBatchNorm):
             # own modules leaves): record torch's ops, as tracing torch's layer does
             return F.finish_activation(TorchBatchNorm.forward(self, input), residual, act)
         weight, bias = layer_tensor(self, "weight"), layer_tensor(self, "bias")
-        validate_layer(self, input, bn_training, (running_mean, running_var, weight, bias))
+        if _plain_class(type(self)):
+            validate_layer(self, input, bn_training, (running_mean, running_var, weight, bias))
+        else:
+            self._validate(input, bn_training)
         factor: float | Tensor = 0.0
         track = self.track_running_stats
         if training and track and layer_tensor(self, "num_batches_tracked") is not None:

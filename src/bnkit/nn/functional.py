@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -137,8 +138,8 @@ def _check_per_channel(t: Tensor | None, name: str, x: Tensor, where: str) -> No
             f"tensors on the same device (move the module with .to({str(x.device)!r}))"
         )
     ok = t.dtype == x.dtype or (x.dtype in _LOW_PRECISION and t.dtype == torch.float32)
-    if not ok:
-        raise TypeError(
+    if not ok and x.numel() > 0:  # torch returns an empty batch whatever the dtypes
+        raise RuntimeError(
             f"{where}: {name} has dtype {t.dtype} but the input is {x.dtype}; expected "
             f"{x.dtype} (or float32 for half/bfloat16 input): convert the module with "
             f".to({x.dtype}) or the input with .to({t.dtype})"
@@ -202,6 +203,7 @@ def validate(
             f"{where}: expected {num_features} channels in dim 1, got {input.shape[1]} "
             f"(input shape {tuple(input.shape)})"
         )
+    check_eps(eps, batch_stats, where)  # before the tensors' checks, as torch
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -209,7 +211,6 @@ def validate(
         ("bias", bias),
     ):
         _check_per_channel(t, name, input, where)
-    check_eps(eps, batch_stats, where)
     check_momentum(momentum, where)
     if batch_stats:
         check_batch_size(input.size(), where)
@@ -786,6 +787,16 @@ def batch_norm(
     ``running_var`` are given, updates them in place with ``momentum``. In eval mode,
     normalizes with ``running_mean`` / ``running_var``, which must be given.
     """
+    if isinstance(input, Tensor) and input.dim() == 1:
+        # torch normalizes an empty 1-D input to an empty output (there is no channel dim)
+        # and refuses any other 1-D input with a RuntimeError
+        check_eps(eps, training)
+        if input.numel() == 0:
+            return input.clone()
+        raise RuntimeError(
+            f"batch_norm: expected an input of shape (N, C, *) with at least 2 dims, got a "
+            f"1D input of shape {tuple(input.shape)}"
+        )
     validate(
         input,
         where="batch_norm",
@@ -837,6 +848,8 @@ def apply_batch_norm(
                 "batch_norm: running_mean and running_var must be given in eval mode "
                 "(training=False); pass training=True to normalize with batch statistics"
             )
+        if fwAD._current_level >= 0:
+            _refuse_stat_tangents(input, running_mean, running_var, weight, bias)
         return normalize_eval(input, running_mean, running_var, weight, bias, eps, residual, act)
     fast = _kernels.route_train(input, running_mean, running_var)
     if fast is not None:  # one call: statistics, output and the running-stat update
@@ -864,6 +877,23 @@ def apply_batch_norm(
             if running_var is not None:
                 running_var.copy_(new_var)
     return finish_activation(y, residual, act)
+
+
+def _refuse_stat_tangents(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, *params: Tensor | None
+) -> None:
+    """torch's rule under forward-mode AD: an eval call whose input or parameters carry a
+    tangent may not be given running statistics that carry one (the output is not
+    differentiable in them)."""
+
+    def dual(t: Tensor | None) -> bool:
+        return t is not None and fwAD.unpack_dual(t).tangent is not None
+
+    if (dual(running_mean) or dual(running_var)) and (dual(x) or any(map(dual, params))):
+        raise RuntimeError(
+            "batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+            "have forward grad defined"
+        )
 
 
 def _builds_graph(
