@@ -72,6 +72,28 @@ def test_low_rank_and_empty_functional(shape: tuple[int, ...], training: bool) -
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16, torch.float64, torch.int64])
+@pytest.mark.parametrize("affine", ["none", "weight", "both", "empty-weight"])
+def test_empty_1d_functional_keeps_torchs_promotion_and_graph(
+    dtype: torch.dtype, affine: str, training: bool
+) -> None:
+    """torch returns ``input.clone() * weight[0] + bias[0]`` for an empty 1-D input: the dtype
+    follows type promotion and the output stays connected to weight and bias."""
+    x = torch.zeros(0, dtype=dtype)
+    w = torch.randn(0 if affine == "empty-weight" else 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    wb = {"none": (None, None), "weight": (w, None)}.get(affine, (w, b))
+    stats = (torch.randn(3), torch.rand(3) + 0.5)
+    _same(
+        lambda: TF.batch_norm(x, *stats, *wb, training=training),
+        lambda: BF.batch_norm(x, *stats, *wb, training=training),
+    )
+    if affine == "both":
+        y = BF.batch_norm(x, *stats, w, b, training=training)
+        assert y.requires_grad and y.grad_fn is not None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dual_input", [True, False], ids=["dual-x", "plain-x"])
 def test_running_mean_with_a_tangent(training: bool, dual_input: bool) -> None:
     x0 = random_input((4, 3))

@@ -788,11 +788,17 @@ def batch_norm(
     normalizes with ``running_mean`` / ``running_var``, which must be given.
     """
     if isinstance(input, Tensor) and input.dim() == 1:
-        # torch normalizes an empty 1-D input to an empty output (there is no channel dim)
-        # and refuses any other 1-D input with a RuntimeError
+        # torch normalizes an empty 1-D input to an empty output (there is no channel dim),
+        # scaled by weight[0] and shifted by bias[0] so that the graph and torch's type
+        # promotion are kept; any other 1-D input is refused with a RuntimeError
         check_eps(eps, training)
         if input.numel() == 0:
-            return input.clone()
+            out = input.clone()
+            if weight is not None:
+                out = out * weight[0]
+            if bias is not None:
+                out = out + bias[0]
+            return out
         raise RuntimeError(
             f"batch_norm: expected an input of shape (N, C, *) with at least 2 dims, got a "
             f"1D input of shape {tuple(input.shape)}"
