@@ -1,8 +1,8 @@
 """Fuzz every layer kind with random, often bad, calls in a subprocess (tests/fuzz/_worker.py):
 the process must never die by a signal, and bnkit must match torch's result (and, for the
-plain layer call on float input, its gradients) or raise where torch raises. bnkit may be
-stricter (it validates an empty batch that torch skips, and refuses integer input and
-mismatched dtypes): those refusals are counted, not failed."""
+plain layer call on float input, its gradients) or raise where torch raises, an exception of
+torch's type. bnkit may be stricter only on an empty batch (it validates what torch skips;
+tests/torch_suite/differences.py): those refusals are counted, not failed."""
 
 from __future__ import annotations
 

@@ -71,9 +71,9 @@ def test_rejected_input_changes_nothing(kind: str, bad: torch.dtype) -> None:
     before = snapshot(m)
     x = x4(torch.float64)
     x = x.to(bad) if bad != torch.float64 else x  # float64 input into a float32 module
-    # torch's exception types: TypeError for a non-floating input, RuntimeError ("mixed
-    # dtype") for a floating one whose dtype is not the module's
-    err = RuntimeError if bad == torch.float64 else TypeError
+    # torch's exception types: NotImplementedError for a non-floating input (bnkit's is a
+    # TypeError too), RuntimeError ("mixed dtype") for a floating one not the module's dtype
+    err = RuntimeError if bad == torch.float64 else NotImplementedError
     with pytest.raises(err, match=r"(expected a floating-point input|has dtype)"):
         m(x)
     assert_unchanged(m, before)

@@ -100,6 +100,11 @@ def check_batch_size(size: torch.Size, where: str = "") -> None:
         )
 
 
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """A non-floating input. torch raises NotImplementedError ("batch_norm" not implemented
+    for 'Long'); this is both that and a TypeError, so either ``except`` catches it."""
+
+
 def _check_input(x: Tensor, where: str, ranks: tuple[int, ...] = ()) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
@@ -113,8 +118,11 @@ def _check_input(x: Tensor, where: str, ranks: tuple[int, ...] = ()) -> None:
             f"{where}: expected an input of shape (N, C, *) with at least 2 dims, "
             f"got {x.dim()}D input of shape {tuple(x.shape)}"
         )
+
+
+def _check_floating(x: Tensor, where: str) -> None:
     if not x.is_floating_point():
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"{where}: expected a floating-point input (float16/bfloat16/float32/float64), "
             f"got {x.dtype}"
         )
@@ -197,13 +205,18 @@ def validate(
                 break
         if ok and not (batch_stats and _one_value_per_channel(input.shape)):
             return
+    # torch's order: the module's rank check, the functional's batch-size and eps checks
+    # (Python), then the op's dtype, size and device checks (C++)
     _check_input(input, where, ranks)
+    if batch_stats:
+        check_batch_size(input.size(), where)
+    check_eps(eps, batch_stats, where)
+    _check_floating(input, where)
     if num_features is not None and input.shape[1] != num_features:
         raise ValueError(
             f"{where}: expected {num_features} channels in dim 1, got {input.shape[1]} "
             f"(input shape {tuple(input.shape)})"
         )
-    check_eps(eps, batch_stats, where)  # before the tensors' checks, as torch
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -212,8 +225,6 @@ def validate(
     ):
         _check_per_channel(t, name, input, where)
     check_momentum(momentum, where)
-    if batch_stats:
-        check_batch_size(input.size(), where)
 
 
 def _one_value_per_channel(size: torch.Size) -> bool:
@@ -313,6 +324,7 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     :func:`merge_stats`.
     """
     _check_input(x, "batch_stats")
+    _check_floating(x, "batch_stats")
     if x.numel() == 0:
         raise ValueError(f"batch_stats: the input {tuple(x.shape)} holds no values")
     fast = _kernels.route(x)
@@ -791,6 +803,8 @@ def batch_norm(
         # torch normalizes an empty 1-D input to an empty output (there is no channel dim),
         # scaled by weight[0] and shifted by bias[0] so that the graph and torch's type
         # promotion are kept; any other 1-D input is refused with a RuntimeError
+        if training:
+            check_batch_size(input.size())
         check_eps(eps, training)
         if input.numel() == 0:
             out = input.clone()
@@ -956,10 +970,11 @@ def batch_norm_stateless(
     """
     where = "batch_norm_stateless"
     _check_input(input, where)
-    check_eps(eps, training, where)
-    check_momentum(momentum, where)
     if training:
         check_batch_size(input.size(), where)
+    check_eps(eps, training, where)
+    _check_floating(input, where)
+    check_momentum(momentum, where)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError(f"{where}: momentum=None (cumulative average) needs num_batches_tracked")
     use_batch = training or (running_mean is None and running_var is None)
