@@ -101,3 +101,57 @@ def test_errors_leave_statistics_unchanged() -> None:
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k])
     assert bn.training and bn.track_running_stats
+
+
+class _UnusedBranch(nn.Module):
+    """a BatchNorm the forward never reaches (DPT's unused residual_layer1), and one that a
+    batch of one sample reaches with a single value per channel"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = bnkit.BatchNorm1d(3)
+        self.b = nn.BatchNorm1d(3)
+        self.c = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.c(y[:1]) if x.shape[0] == 1 else y
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_a_layer_never_reached_is_named_and_left_as_it_was() -> None:
+    m = _UnusedBranch()
+    with torch.no_grad():
+        m.b.running_mean.fill_(0.25)
+    before = _state(m)
+    data = [random_input((8, 3), seed=1) + 5, random_input((6, 3), seed=2) + 5]
+    with pytest.warns(UserWarning, match=r"never reached 2 BatchNorm layer\(s\): 'b', 'c'"):
+        counts = bnkit.recalibrate(m, data, progress=False)
+    assert counts == {"a": 14, "b": 0, "c": 0}
+    cat = torch.cat(data)
+    torch.testing.assert_close(m.a.running_mean, cat.mean(0))
+    for key in ("b.running_mean", "b.running_var", "c.running_var", "b.num_batches_tracked"):
+        assert torch.equal(m.state_dict()[key], before[key]), key
+
+
+def test_strict_refuses_before_writing_anything() -> None:
+    m = _UnusedBranch()
+    before = _state(m)
+    with pytest.raises(ValueError, match="never reached 2 BatchNorm layer.*'b', 'c'.*unchanged"):
+        bnkit.recalibrate(m, [random_input((8, 3)) + 5], progress=False, strict=True)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_a_failing_batch_writes_nothing() -> None:
+    """the second batch holds one sample (one value per channel: the training-mode layer
+    refuses it): the first batch's statistics are not written either."""
+    m = _UnusedBranch()
+    before = _state(m)
+    data = [random_input((8, 3)) + 5, random_input((1, 3)) + 5]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bnkit.recalibrate(m, data, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert all(x.training for x in m.modules())  # the modes are restored

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -103,6 +104,7 @@ def recalibrate(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
     process_group: Any = None,
+    strict: bool = False,
 ) -> dict[str, int]:
     """Set every BatchNorm's running statistics to the exact population statistics.
 
@@ -118,9 +120,14 @@ def recalibrate(
         process_group: under torch.distributed (initialized, world size > 1) every rank
             passes its own shard of the data and gets the *global* population statistics
             (one all_gather per layer); ``process_group`` picks the group (default: world).
+        strict: a BatchNorm the forward never reaches (a branch unused on this data) is an
+            error; by default it is left as it was, named in a warning.
 
     Returns:
-        ``{layer name: number of values per channel seen}``.
+        ``{layer name: number of values per channel seen}`` (0 for a layer never reached).
+
+    Nothing is written unless every reached layer can be recalibrated: an error leaves the
+    whole model as it was.
 
     Afterwards each layer's ``running_var`` is the unbiased variance (``n - 1``) of all the
     values it saw, ``num_batches_tracked`` the number of batches, and every module's
@@ -180,14 +187,32 @@ def recalibrate(
         seen_t = torch.tensor([seen], dtype=torch.float64, device=device)
         dist.all_reduce(seen_t, group=process_group)
         seen = int(seen_t.item())
+    # Everything is checked before anything is written: the model is recalibrated whole or
+    # not at all. A layer the forward never reached is left as it was (named; an error with
+    # strict=True); one that saw a single value per channel is an error.
+    unreached = [name for name, _ in layers if pops[name].count == 0]
+    if unreached and strict:
+        raise ValueError(
+            f"recalibrate: the forward never reached {_names(unreached)}; running statistics "
+            "were left unchanged (strict=False recalibrates the others and leaves these)"
+        )
+    for name, _ in layers:
+        if pops[name].count == 1:
+            raise ValueError(
+                f"recalibrate: layer {name!r} saw 1 value per channel; need at least 2 for an "
+                "unbiased variance; running statistics were left unchanged"
+            )
+    if unreached:
+        warnings.warn(
+            f"recalibrate: the forward never reached {_names(unreached)}; left as they were",
+            stacklevel=2,
+        )
     counts = {}
     for name, m in layers:
         pop = pops[name]
-        if pop.mean is None or pop.var is None or pop.count < 2:
-            raise ValueError(
-                f"recalibrate: layer {name!r} saw {pop.count} value(s) per channel; need at "
-                "least 2 for an unbiased variance (did the forward reach it?)"
-            )
+        counts[name] = pop.count
+        if pop.mean is None or pop.var is None:
+            continue
         unbiased = pop.var * (pop.count / (pop.count - 1))
         rm, rv, nbt = m.running_mean, m.running_var, m.num_batches_tracked
         assert isinstance(rm, Tensor) and isinstance(rv, Tensor)
@@ -195,8 +220,13 @@ def recalibrate(
         rv.copy_(unbiased.to(rv.dtype))
         if isinstance(nbt, Tensor):
             nbt.fill_(seen)
-        counts[name] = pop.count
     return counts
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f"{len(names)} BatchNorm layer(s): {shown}{more}"
 
 
 def _len(data: Iterable[Any]) -> int | None:
