@@ -144,3 +144,26 @@ def test_non_finite_batch_is_named_as_such() -> None:
     f = findings[kinds.index("non-finite input")]
     assert f.layer == "1" and "inf/NaN value(s)" in f.evidence
     assert not any("x the running variance" in g.evidence for g in findings)
+
+
+class _SampledAttention(nn.Module):
+    """Draws random numbers in eval, per position and not per sample (as Informer's
+    ProbSparse attention samples its keys): each sample's output does not depend on the
+    batch, given the same draws."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.randint(0, x.shape[-1], (x.shape[-1],))
+        return x + x[..., keep]
+
+
+def test_a_model_drawing_random_numbers_in_eval_is_compared_under_one_seed() -> None:
+    model, batch = _healthy()
+    model = nn.Sequential(model, _SampledAttention()).eval()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert bnkit.diagnose(model, batch, audit_steps=0) == []
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is kept
+    # the check still sees a layer that really mixes the batch
+    model[0][1].train()
+    kinds = [f.kind for f in bnkit.diagnose(model, batch, audit_steps=0)]
+    assert "output depends on the batch" in kinds or "inference in training mode" in kinds

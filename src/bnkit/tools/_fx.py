@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from bnkit.nn.batchnorm import is_batchnorm
+from bnkit.tools._seeded import seeded
 
 __all__ = ["UnfaithfulTrace", "as_tuple", "check_same", "flat", "hooks", "trace"]
 
@@ -72,12 +73,11 @@ def check_same(module: nn.Module, traced: nn.Module, args: tuple[Any, ...], what
     such a graph is not the module. Raises :class:`UnfaithfulTrace`."""
     # on copies: a train-mode BatchNorm inside would update its statistics; both from the
     # same random state (dropout, drop-connect), the caller's state left as it was
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded():
         want = flat(copy.deepcopy(module)(*args))
     try:
-        with torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()):
-            torch.manual_seed(0)  # (fx prints the failing line itself: kept off stderr)
+        # (fx prints the failing line itself: kept off stderr)
+        with seeded(), contextlib.redirect_stderr(io.StringIO()):
             got = flat(copy.deepcopy(traced)(*args))
     except Exception as exc:
         raise UnfaithfulTrace(

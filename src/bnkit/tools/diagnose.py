@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
+from bnkit.tools._seeded import seeded
 from bnkit.tools.convert import is_batchnorm
 from bnkit.tools.freeze import is_stats_frozen
 
@@ -116,7 +117,7 @@ def _in_float64(
         return copy.deepcopy(model), batch
     work, x = copy.deepcopy(model).double(), batch.double()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), seeded():
             run(copy.deepcopy(work), x[:2])
     except Exception:  # e.g. a model that builds float32 tensors inside its forward
         return copy.deepcopy(model), batch
@@ -133,7 +134,10 @@ def _check_batch_invariance(
     failure: tuple[str, Exception] | None = None
     try:
         with torch.no_grad():
-            run(work, batch)
+            # every forward under one random state: a model that draws random numbers in
+            # eval (sampled attention) compares its sample with its batch, not two draws
+            with seeded():
+                run(work, batch)
             full = dict(rec.outputs)
             order = list(rec.order)
             n = batch.shape[0]
@@ -141,7 +145,8 @@ def _check_batch_invariance(
             for i in range(min(samples, n)):
                 rec.reset()
                 try:
-                    run(work, batch[i : i + 1])
+                    with seeded():
+                        run(work, batch[i : i + 1])
                 except ValueError as exc:  # compare what ran before the failing layer
                     failure = (rec.current[-1] if rec.current else "", exc)
                 for name in rec.order:
@@ -214,7 +219,7 @@ def _bn_inputs(
 
             handles.append(m.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), seeded():
             run(work, batch)
     finally:
         for h in handles:
@@ -362,7 +367,7 @@ def _check_frozen_audit(
         return []
     before = {n: m.running_mean.clone() for n, m in suspects.items()}
     work.train()
-    with torch.no_grad():
+    with torch.no_grad(), seeded():  # the caller's random state is left as it was
         for _ in range(steps):
             run(work, batch)
     moved = [n for n, m in suspects.items() if not torch.equal(m.running_mean, before[n])]

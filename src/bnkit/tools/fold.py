@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from bnkit.nn import functional as F
 from bnkit.tools import _fx
+from bnkit.tools._seeded import seeded
 from bnkit.tools.convert import is_batchnorm
 
 __all__ = ["FoldReport", "FoldedLayer", "bn_affine", "fold", "fold_pair"]
@@ -345,7 +346,8 @@ def _record_calls(model: nn.Module, example: tuple[Any, ...]) -> dict[str, _Call
 
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        model(*example)
+        with seeded():  # the calls of the reference forward (see _outputs)
+            model(*example)
     finally:
         for h in handles:
             h.remove()
@@ -407,7 +409,10 @@ def _fold_recursive(module: nn.Module, prefix: str, report: FoldReport, ctx: _Co
 
 
 def _outputs(model: nn.Module, example: tuple[Any, ...]) -> list[Tensor]:
-    return _fx.flat(model(*example))
+    """The model's output tensors on the example, under one fixed random state (a model
+    that draws random numbers in eval is compared with itself, not with other draws)."""
+    with seeded():
+        return _fx.flat(model(*example))
 
 
 @torch.no_grad()
