@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnkit
-from bnkit.nn import _kernels
+from bnkit.nn import _kernels, _router
 from bnkit.nn.fused import batch_norm_act
 from bnkit.testing import random_input, reference_running, reference_train
 
@@ -261,7 +261,7 @@ def test_kernels_check_their_fused_arguments() -> None:
     if _kernels.backend() != "cpp":
         pytest.skip("cpp only")
     x = random_input((4, 3, 5, 5), torch.float32, 1)
-    fast = _kernels.route(x)
+    fast = _router.data(x)
     assert fast is not None
     y, mean, var, coef = fast.forward_train(x, None, None, eps=1e-5, act=1)
     assert coef is not None and coef.shape == (3, 3)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.nn import _kernels
+from bnkit.nn import _router
 from bnkit.nn import functional as F
 from tests.conftest import random_input
 
@@ -136,7 +136,7 @@ def test_batch_stats_of_non_finite_channel() -> None:
 def test_fast_path_checks_its_own_preconditions(backend: str) -> None:
     if backend != "cpp":
         pytest.skip("cpp only")
-    fast = _kernels.route(x4())
+    fast = _router.data(x4())
     assert fast is not None
     x, ok, bad = x4(), torch.ones(C), torch.ones(2)
     calls: list[Callable[[], Any]] = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bnkit
-from bnkit.nn import _kernels
+from bnkit.nn import _kernels, _router
 from tests.conftest import random_input, reference_train, reference_train_grads
 
 
@@ -44,7 +44,7 @@ def test_plain_backend_never_calls_the_extension(
     if backend != "plain":
         pytest.skip("plain only")
     monkeypatch.setattr(_kernels, "_module", _Forbidden())
-    monkeypatch.setattr(_kernels, "_fast", None)
+    monkeypatch.setattr(_router, "_fast", None)
     monkeypatch.setattr(_kernels, "_build", _Forbidden)
     _every_entry_point()
     # the same stand-in does fail the cpp backend: the check above can fail
@@ -138,7 +138,7 @@ def test_saved_tensors_no_more_than_torch(backend: str) -> None:
 
 _STREAM_CHECK = """
 import torch, bnkit
-from bnkit.nn import _kernels
+from bnkit.nn import _kernels, _router
 from tests.conftest import random_input
 torch.manual_seed(0)
 worst = {torch.float32: 0.0, torch.float64: 0.0}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnkit
-from bnkit.nn import _kernels
+from bnkit.nn import _activations, _kernels, _router
 from bnkit.nn.fused import batch_norm_act
 from tests.conftest import random_input
 
@@ -107,7 +108,7 @@ def test_common_calls_match_the_python_path_bit_for_bit(
     fused: str,
 ) -> None:
     _need_cpp()
-    act = _kernels.ACTIVATIONS["relu6" if "relu6" in fused else "relu" if "relu" in fused else None]
+    act = _activations.code("relu6" if "relu6" in fused else "relu" if "relu" in fused else None)
     shape = (4, C, 3, 4, 2)[:dim]
     m = CLASSES[dim](
         C, momentum=momentum, affine=affine, bias=bias, track_running_stats=track, dtype=dtype
@@ -214,6 +215,12 @@ def _deleted(m: nn.Module, name: str) -> nn.Module:
     return m
 
 
+def _fake(x: torch.Tensor) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True).from_tensor(x)
+
+
 def _x(shape: tuple[int, ...] = (4, C, 3, 3), dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return random_input(shape, dtype)
 
@@ -240,6 +247,8 @@ OFF: dict[str, Callable[[], tuple[nn.Module, Any, Any]]] = {
     ),
     "non-contiguous": lambda: (bnkit.BatchNorm2d(C), _x().transpose(2, 3), None),
     "subclass input": lambda: (bnkit.BatchNorm2d(C), _x().as_subclass(_Sub), None),
+    "input on meta": lambda: (bnkit.BatchNorm2d(C).to("meta"), _x().to("meta"), None),
+    "fake tensor input": lambda: (bnkit.BatchNorm2d(C), _fake(_x()), None),
     "not a tensor": lambda: (bnkit.BatchNorm2d(C), [[1.0] * C] * 4, None),
     "running stats requiring grad": lambda: (
         _buffer(bnkit.BatchNorm2d(C).eval(), "running_mean", torch.zeros(C, requires_grad=True)),
@@ -346,5 +355,113 @@ def test_declined_valid_calls_match_torch(cpp: None, case: str, training: bool) 
 def test_residuals_it_cannot_fuse_are_declined(cpp: None, residual: Any) -> None:
     m = bnkit.BatchNorm2d(C)
     before = state(m)
-    assert call(m, _x(), residual, _kernels.ACTIVATIONS["relu"]) is None
+    assert call(m, _x(), residual, _activations.code("relu")) is None
     assert_same_state(state(m), before)
+
+
+# Each rule of the router (bnkit.nn._router) and a call that breaks that rule alone: the
+# C++ one-call must decline it (the router does, by construction). A rule added to the
+# router without a case here fails test_every_router_rule_has_a_case.
+RULE_CASES = {
+    "cpu": "input on meta",
+    "float32 or float64": "half input",
+    "not empty": "empty",
+    "plain data": "fake tensor input",
+    "nothing captured": "dispatch mode",
+    "contiguous or channels_last": "non-contiguous",
+}
+BUFFER_RULE_CASES = {
+    "both buffers or neither": "one running buffer",
+    "buffers of the input's dtype, contiguous, not requiring grad": "non-contiguous running buffer",
+}
+
+
+def test_every_router_rule_has_a_case() -> None:
+    assert set(RULE_CASES) == {r.name for r in _router.RULES}
+    assert set(BUFFER_RULE_CASES) == {name for name, _ in _router.BUFFER_RULES}
+    assert set(RULE_CASES.values()) | set(BUFFER_RULE_CASES.values()) <= set(OFF)
+
+
+@pytest.mark.parametrize("rule", list(RULE_CASES))
+def test_the_one_call_declines_each_rule_the_router_declines(cpp: None, rule: str) -> None:
+    m, x, ctx = OFF[RULE_CASES[rule]]()
+    with ctx if ctx is not None else contextlib.nullcontext():
+        broken = [r.name for r in _router.RULES if not r.holds(x)]
+        assert broken[:1] == [rule], f"{rule}: the case breaks {broken}"
+        assert _router.data(x) is None
+        for training in (True, False):
+            m.train(training)
+            assert call(m, x) is None, f"{rule}: the one-call took what the router declines"
+
+
+@pytest.mark.parametrize("rule", list(BUFFER_RULE_CASES))
+def test_the_one_call_declines_each_buffer_rule(cpp: None, rule: str) -> None:
+    m, x, _ = OFF[BUFFER_RULE_CASES[rule]]()
+    rm, rv = m._buffers["running_mean"], m._buffers["running_var"]
+    broken = [name for name, ok in _router.BUFFER_RULES if not ok(x, rm, rv)]
+    assert broken == [rule]
+    route = _router.train(x, m.weight, m.bias, None, rm, rv)
+    assert not route.buffers  # the kernel normalizes; torch's ops update the buffers
+    assert call(m.train(), x) is None
+
+
+_EPS = [1e-5, 0.0, -1.0, float("inf"), float("nan"), 1e300, np.float64(1e-3), 1, True]
+_MOMENTUM = [0.1, None, 0.0, 1.0, 1.5, -0.1, float("nan"), float("inf"), 0, True]
+_SHAPES = [(4, C, 3, 3), (1, C, 1, 1), (4, C + 1, 3, 3), (4, C, 3), (0, C, 3, 3), (2, C, 1, 1)]
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64]
+
+
+def _agreement_cases() -> list[tuple[Any, ...]]:
+    """Every hyper-parameter pair on a valid input, and every input on valid
+    hyper-parameters, in each mode."""
+    modes = list(itertools.product([True, False], [True, False]))  # training, track
+    out: list[tuple[Any, ...]] = []
+    for (training, track), eps, momentum in itertools.product(modes, _EPS, _MOMENTUM):
+        out.append((eps, momentum, _SHAPES[0], torch.float32, training, track, True))
+    for (training, track), shape, dtype, grad in itertools.product(
+        modes, _SHAPES, _DTYPES, [True, False]
+    ):
+        out.append((1e-5, 0.1, shape, dtype, training, track, grad))
+    return out
+
+
+def test_the_one_call_never_accepts_what_the_python_path_refuses() -> None:
+    """The validation rules on both sides, without a list of them to keep in step: for
+    every hyper-parameter pair and every input, a call the Python path refuses is declined
+    by the one-call with nothing changed, and a call both take gives the same output and
+    state. (A rule tightened in ``_validate`` but not in ``layer_forward`` fails here.)"""
+    _need_cpp()
+    for case in _agreement_cases():
+        _agree(*case)
+
+
+def _agree(
+    eps: Any,
+    momentum: Any,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    training: bool,
+    track: bool,
+    grad: bool,
+) -> None:
+    where = f"eps={eps!r} momentum={momentum!r} {shape} {dtype} training={training} track={track}"
+    m = bnkit.BatchNorm2d(C, track_running_stats=track)
+    m.eps, m.momentum = eps, momentum  # as a user may set them after construction
+    m.train(training)
+    ref = copy.deepcopy(m)
+    x = (torch.rand(shape) * 4 + 1).to(dtype)
+    if grad and dtype.is_floating_point:
+        x.requires_grad_()
+    before = state(m)
+    try:
+        want: torch.Tensor | None = ref._forward(x, None, 0)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        want = None
+    got = call(m, x)
+    if want is None:
+        assert got is None, f"{where}: the one-call took a call the Python path refuses"
+        assert_same_state(state(m), before)
+        return
+    if got is not None:
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=where)
+        assert_same_state(state(m), state(ref))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bnkit.tools.convert import is_batchnorm
+from bnkit.nn._family import is_batchnorm
 from bnkit.tools.freeze import no_stats_update
 
 __all__ = ["History", "accuracy", "bar", "fit", "per_class_accuracy", "predict"]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from bnkit.nn._family import torch_twin
 from bnkit.nn._tensors import layer_tensor
 
 __all__ = ["as_torch", "eval_op", "exporting", "register_fusers", "register_quantized"]
@@ -51,23 +52,10 @@ def eval_op(m: Any, input: Tensor) -> Tensor:
     )
 
 
-def _torch_class(m: Module) -> type[Module]:
-    if type(m).__name__ == "SyncBatchNorm":
-        return torch.nn.SyncBatchNorm
-    ranks = getattr(m, "_ranks", ())
-    if ranks == (2, 3):
-        return torch.nn.BatchNorm1d
-    if ranks == (4,):
-        return torch.nn.BatchNorm2d
-    if ranks == (5,):
-        return torch.nn.BatchNorm3d
-    raise TypeError(f"{type(m).__name__}: no torch BatchNorm class for input ranks {ranks}")
-
-
 def as_torch(m: Any) -> Module:
     """Torch's BatchNorm module for bnkit's ``m``, sharing its parameter and buffer
     tensors (not copies) and its flags. Used for TorchScript."""
-    cls = _torch_class(m)
+    cls = torch_twin(m)
     new: Any = cls(
         m.num_features,
         eps=m.eps,

@@ -1,6 +1,6 @@
 // bnkit's CPU fast path: BatchNorm training forward/backward and eval forward.
 //
-// The same math as bnkit/nn/functional.py (shifted sums, float64 accumulation, output from
+// The same math as bnkit/nn/_stats.py and _backward.py (shifted sums, float64 accumulation, output from
 // the shifted values), written as two passes over memory, each read front to back as one
 // sequential stream per thread (what the hardware prefetcher follows best):
 //   pass 1, the sums: NCHW (N, C, L) runs in order, each added to its channel's lanes
@@ -204,8 +204,8 @@ int row_threads(int64_t R) {
 
 // An output pass after a statistics pass goes through each thread's range in blocks of
 // about this many bytes, last block first (what the thread read last is still in cache);
-// an output pass alone writes each thread's range as one block. Measured A/B against
-// 64 KiB blocks both ways: 0.76-0.96 of the time on NCHW, 0.88-0.97 channels-fastest.
+// an output pass alone writes each thread's range as one block (docs/performance.md,
+// "Kernel choices", has the A/B figures).
 constexpr int64_t kBackBlock = 256 * 1024;
 
 // Threads for an NCHW pass over `runs` runs (n, c): the same split in the statistics pass
@@ -458,8 +458,7 @@ struct Op {
 // in one 64-byte-aligned block. Each array starts one cache line further into the cache's
 // sets than a whole number of lines: arrays C * sizeof(T) apart (C = 1024: 4 KiB) would
 // all map to the same L1 sets as each other and as the rows of x and y, and evict each
-// other every row (measured: the channels-fastest eval at C = 256..1024 ran at 2/3 of
-// the NCHW loop's speed over the same memory).
+// other every row (docs/performance.md, "Kernel choices").
 template <typename T>
 struct KArrays {
   explicit KArrays(int64_t C_)
@@ -731,9 +730,8 @@ void out_row(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t
 // Four channels-fastest rows written directly (no streaming), each channel's scalars
 // loaded once for the four: out_row loads them for every row, three to six loads a
 // vector of output besides x's, and over cached data the load ports, not memory, bound
-// the pass. Measured A/B (one process, channels_last, warm): eval 0.78-0.92 of the time
-// on (16, 256, 14, 14), (16, 128, 28, 28), (128, 64, 8, 8), (1024, 256), training
-// forward 0.88-0.97, backward 0.94-1.0; large tensors (streamed) unchanged.
+// the pass (docs/performance.md, "Kernel choices"); large (streamed) tensors do not
+// take this path.
 template <typename T, typename O>
 inline void out_rows4(const Ptrs<T>& p, int64_t off, int64_t C, const KArrays<T>& ka) {
   const T *s = ka.s(), *kx = ka.kx(), *ko = ka.ko(), *k0 = ka.k0();
@@ -1055,10 +1053,8 @@ void nchw_fused(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, int64_
 
 // Channels per block of nchw_fused, or 0 for the two-pass kernel. Fused where a run (one
 // sample's channel) spans at least kFuseRun bytes over the tensors read, and every thread
-// gets a channel. Measured A/B against the two-pass kernel (in one process, caches
-// flushed before each call / warm from the previous call): (16, 64, 112, 112) forward
-// 0.88 / 0.95, backward 0.79 / 0.81; (32, 64, 56, 56) backward 0.88 / 0.92, forward
-// 1.00 / 1.03 (12.5 KiB runs: not fused); shorter runs 1.1-1.8x the time. Blocks of about
+// gets a channel: shorter runs are slower fused than in two passes (docs/performance.md,
+// "Kernel choices"). Blocks of about
 // kFuseBytes over the tensors read (the second pass finds them in L2 or L3), as many as
 // a multiple of the threads where the channels allow.
 constexpr int64_t kFuseRun = 24 * 1024;
@@ -1101,7 +1097,7 @@ at::Tensor tensor_of(const std::vector<double>& v, at::ScalarType dtype) {
 }
 
 // In place: running = (1 - f) * running + f * batch, with the unbiased batch variance
-// var * n / (n - 1); in double (functional.update_running_stats).
+// var * n / (n - 1); in double (bnkit/nn/_running.py: update_running_stats).
 void update_running_impl(at::Tensor& running_mean, at::Tensor& running_var, const double* mp,
                          const double* vp, int64_t n, double f) {
   const double corr = n > 1 ? static_cast<double>(n) / static_cast<double>(n - 1) : 1.0;
@@ -1339,7 +1335,7 @@ inline double sum_g_xhat(double sum_g, double sum_gd, double lo_c, double invstd
 }
 }  // namespace
 
-// Closed-form training backward (see functional._train_backward). `stat` is the biased
+// Closed-form training backward (bnkit/nn/_backward.py: train_backward). `stat` is the biased
 // batch variance (invstd = 1 / sqrt(var + eps)), or invstd itself when `is_invstd`.
 // With an activation (act, with fcoef from forward_train, and the residual when the
 // forward had one), grad_out is first gated by the activation's derivative.
@@ -1757,8 +1753,9 @@ at::Tensor eval_fn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
 
 // ------------------------------------------------------------------- the layer's call
 //
-// A bnkit BatchNorm module's whole forward in one call from Python, for the common case:
-// the checks of functional.validate and _kernels.route, the count in num_batches_tracked,
+// A bnkit BatchNorm module's whole forward in one call from Python, for the router's
+// module case (bnkit/nn/_router.py): the checks of _validate.validate's fast guard, the
+// router's RULES and BUFFER_RULES, the count in num_batches_tracked,
 // the kernel and, where autograd records the call, its node. A small layer's cost is
 // mostly its Python (each function a cold cache line or several when the layer runs
 // between others in a network); this leaves one Python frame between the module and the
@@ -1905,4 +1902,13 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
   }
   if (grad) return py::cast(TrainFn::apply(x, w, b, res, rm, rv, f, eps, act)[0]);
   return py::cast(forward_train(x, w, b, eps, rm, rv, f, res, act)[0]);
+}
+
+// The activation codes the kernels know, by name: bnkit.nn._activations.TABLE must agree
+// (a test compares them), so a row added on one side only fails a test.
+py::dict activation_codes() {
+  py::dict codes;
+  codes["relu"] = static_cast<int>(kRelu);
+  codes["relu6"] = static_cast<int>(kRelu6);
+  return codes;
 }

@@ -10,12 +10,9 @@ the build fails, bnkit warns once and uses the plain path.
 ``cpp`` (fail loudly if it cannot be built), ``plain``; it is read once, at the first
 BatchNorm call. :func:`set_backend` chooses from Python at any time.
 
-:func:`route` is the one place that decides whether a call takes the fast path: CPU
-float32/float64 input that is contiguous or channels_last, and never while a graph is being
-captured (``torch.func`` transforms, ``torch.compile``/``torch.export``, ``torch.jit``
-tracing and scripting, ONNX export), which must see ordinary torch ops. It returns a
-:class:`FastPath`, whose methods carry keyword-named options into the C++ entry points;
-those check their own preconditions again (sizes, dtypes, layout, device), so no slip on
+This module loads the kernels; :mod:`bnkit.nn._router` decides when they run and hands out
+a :class:`FastPath`, whose methods carry keyword-named options into the C++ entry points.
+Those check their own preconditions again (sizes, dtypes, layout, device), so no slip on
 the Python side can become a memory error.
 
 ``BNKIT_BUILD_FLAGS`` adds compiler flags to the build (its own cache entry): the test
@@ -35,21 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-__all__ = [
-    "ACTIVATIONS",
-    "BACKENDS",
-    "FastPath",
-    "available",
-    "backend",
-    "capturing",
-    "get",
-    "route",
-    "route_train",
-    "set_backend",
-]
+__all__ = ["BACKENDS", "FastPath", "available", "backend", "get", "set_backend"]
 
 BACKENDS = ("auto", "cpp", "plain")
 _SOURCE = Path(__file__).with_name("_kernels.cpp")
@@ -127,6 +112,7 @@ def _build() -> Any:
             "eval_fn",
             "set_graph_backward",
             "layer_forward",
+            "activation_codes",
         ],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -150,8 +136,12 @@ def get() -> Any:
         if _module is None and (_failed is None or choice == "cpp"):
             try:
                 module = _build()
-                if _graph_backward is not None:
-                    module.set_graph_backward(*_graph_backward)
+                # The torch-op backwards the C++ autograd nodes call under a double
+                # backward and for a gradient without storage (imported here, at the first
+                # build: _backward itself reaches the kernels through the router).
+                from bnkit.nn._backward import eval_graph_backward, train_graph_backward
+
+                module.set_graph_backward(train_graph_backward, eval_graph_backward)
                 _module = module
                 _failed = None
             except Exception as exc:  # no compiler, no headers, ...
@@ -174,19 +164,6 @@ def get() -> Any:
 # allows it; None until then and after set_backend().
 layer_call: Any = None
 
-_graph_backward: tuple[Any, Any] | None = None
-
-
-def register_graph_backward(train: Any, eval: Any) -> None:
-    """The differentiable (torch-op) training and eval backwards that the C++ autograd
-    nodes call under a double backward and for a gradient without storage (see
-    ``set_graph_backward`` in _kernels.cpp);
-    registered by ``bnkit.nn.functional`` (which this module does not import)."""
-    global _graph_backward
-    _graph_backward = (train, eval)
-    if _module is not None:
-        _module.set_graph_backward(train, eval)
-
 
 def failure() -> str | None:
     """Why the C++ fast path could not be built in this process, if it could not."""
@@ -198,13 +175,9 @@ def available() -> bool:
     return get() is not None
 
 
-FAST_DTYPES = (torch.float32, torch.float64)
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}  # the kernels' activation codes
-
-
 class FastPath:
     """The C++ fast path: each method is one entry point of ``_kernels.cpp``, with its
-    options named. Obtained from :func:`route` / :func:`route_train` only."""
+    options named. Obtained from :mod:`bnkit.nn._router` only."""
 
     __slots__ = ("_mod",)
 
@@ -228,7 +201,7 @@ class FastPath:
         act: int = 0,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(y, mean, biased var, coef) with batch statistics, ``y = act(bn(x) [+
-        residual])`` (``act``: an :data:`ACTIVATIONS` code); ``running = (running_mean,
+        residual])`` (``act``: a code of ``bnkit.nn._activations``); ``running = (running_mean,
         running_var, factor)`` also updates those buffers in place in the same call.
         ``coef`` is what :meth:`backward_train` needs to gate an activation (None
         without one)."""
@@ -318,8 +291,8 @@ class FastPath:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward_train` as an autograd node (a C++ one: no Python in the forward
         or backward call): (y, mean, var), the statistics not differentiable. Its backward
-        is :meth:`backward_train`'s kernel, or the registered torch-op form under a double
-        backward or for a gradient without storage."""
+        is :meth:`backward_train`'s kernel, or the torch-op form of ``bnkit.nn._backward``
+        under a double backward or for a gradient without storage."""
         rm, rv, f = running if running is not None else (None, None, 0.0)
         y, mean, var = self._mod.train_fn(x, weight, bias, residual, rm, rv, f, eps, act)
         return y, mean, var
@@ -335,7 +308,7 @@ class FastPath:
         eps: float,
     ) -> Tensor:
         """:meth:`forward_eval` as a C++ autograd node (backward: :meth:`backward_eval`'s
-        kernel, or the registered torch-op form as for :meth:`train_node`)."""
+        kernel, or the torch-op form of ``bnkit.nn._backward`` as for :meth:`train_node`)."""
         y: Tensor = self._mod.eval_fn(x, weight, bias, running_mean, running_var, eps)
         return y
 
@@ -352,97 +325,3 @@ class FastPath:
         """``grad_x = k_grad * grad_out + k_centered * (x - mean) + k_const`` per channel."""
         gx: Tensor = self._mod.grad_apply(grad_out, x, mean, k_centered, k_grad, k_const)
         return gx
-
-
-_fast: FastPath | None = None
-
-
-def capturing(x: Tensor) -> bool:
-    """A graph is being captured, forward-mode AD is on, or a ``TorchDispatchMode`` is
-    active (FakeTensorMode, a memory or op tracer): the op must be an ordinary torch op
-    (or a Function with a forward derivative), not a C++ call. (The legacy ONNX exporter
-    traces, so the tracing state covers it; inside a
-    ``torch.autograd.forward_ad.dual_level`` any tensor may carry a tangent, which the
-    kernels would drop; a dispatch mode sees torch's ops, not an opaque kernel.)"""
-    return (
-        torch.compiler.is_compiling()  # first: what dynamo reads while tracing this
-        or _forward_ad._current_level >= 0
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._get_tracing_state() is not None
-        or torch.jit.is_scripting()
-        or _under_functorch(x)
-    )
-
-
-def has_storage(t: Tensor) -> bool:
-    """A tensor the kernels can read: one with storage, not a vmap's batched tensor (which
-    ``autograd.grad(is_grads_batched=True)`` and ``jacobian(vectorize=True)`` hand to a
-    backward)."""
-    try:
-        t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def _plain_data(x: Tensor) -> bool:
-    """A Tensor subclass whose data the kernels may read: one that keeps torch's own
-    ``__torch_dispatch__`` (MONAI's MetaTensor, a user's subclass) and has storage. A
-    ``__torch_dispatch__`` subclass (FakeTensor, a wrapper) gets torch's ops, which it
-    implements."""
-    return type(x).__torch_dispatch__ is Tensor.__torch_dispatch__ and has_storage(x)
-
-
-def _layout_ok(x: Tensor) -> bool:
-    d = x.dim()
-    if d == 2:
-        return x.is_contiguous()
-    if d < 2 or x.is_contiguous():
-        return d >= 2
-    if d == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if d == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
-def route(x: Tensor) -> FastPath | None:
-    """The fast path when ``x`` may take it, else None (the plain path): the one place
-    that decides."""
-    if not x.is_cpu or x.dtype not in FAST_DTYPES or x.numel() == 0:
-        return None
-    if type(x) is not Tensor and not _plain_data(x):
-        return None
-    # (capture first: a vmap's batched tensor cannot be asked about channels_last)
-    if capturing(x) or not _layout_ok(x):
-        return None
-    global _fast
-    mod = get()
-    if mod is None:
-        return None
-    if _fast is None or _fast._mod is not mod:
-        _fast = FastPath(mod)
-    return _fast
-
-
-def route_train(
-    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None
-) -> FastPath | None:
-    """:func:`route` for a training forward that also updates the running buffers in the
-    same call: both given (or both absent), contiguous, of the input's dtype."""
-    if (running_mean is None) != (running_var is None):
-        return None
-    if running_mean is not None and running_var is not None:
-        for b in (running_mean, running_var):
-            if b.dtype != x.dtype or not b.is_contiguous() or b.requires_grad:
-                return None
-    return route(x)
-
-
-def _under_functorch(x: Tensor) -> bool:
-    """Inside a torch.func transform (vmap, grad, ...), whatever the tensor."""
-    try:
-        fc = torch._C._functorch
-        return fc.peek_interpreter_stack() is not None or bool(fc.is_functorch_wrapped_tensor(x))
-    except AttributeError:  # another torch: be safe
-        return True

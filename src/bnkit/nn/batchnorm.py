@@ -18,7 +18,10 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from bnkit.nn import _export, _kernels
 from bnkit.nn import functional as F
+from bnkit.nn._family import classes, is_batchnorm, member, torch_twin
+from bnkit.nn._running import count_batch
 from bnkit.nn._tensors import layer_tensor
+from bnkit.nn._validate import check_momentum, validate
 
 __all__ = [
     "is_batchnorm",
@@ -85,27 +88,6 @@ Examples::
 """
 
 
-def is_batchnorm(module: Module) -> bool:
-    """True for torch's and bnkit's BatchNorm modules (every subclass of torch's
-    ``_BatchNorm``: BatchNorm1d/2d/3d, lazy, SyncBatchNorm, Renorm, Ghost); False for
-    FrozenBatchNorm, whose statistics nothing may change."""
-    return isinstance(module, TorchBatchNorm)
-
-
-def count_batch(m: Any) -> float | Tensor:
-    """Count one training batch in ``m.num_batches_tracked`` and return the weight of its
-    statistics in the running average: ``momentum``, or ``1 / count`` for
-    ``momentum=None`` (the cumulative average). Works on torch's BatchNorm too. Under
-    ``torch.compile`` the cumulative weight stays a tensor (reading the counter into a
-    Python number would break the graph)."""
-    m.num_batches_tracked.add_(1)
-    if m.momentum is not None:  # reading the counter is a tensor read: only when needed
-        return float(m.momentum)
-    if torch.compiler.is_compiling():
-        return F.running_factor(None, m.num_batches_tracked)
-    return float(F.running_factor(None, int(m.num_batches_tracked)))
-
-
 def validate_layer(
     m: Any,
     input: Tensor,
@@ -122,7 +104,7 @@ def validate_layer(
             layer_tensor(m, "weight"),
             layer_tensor(m, "bias"),
         )
-    F.validate(
+    validate(
         input,
         where=m._layer_name(),
         batch_stats=batch_stats,
@@ -182,21 +164,6 @@ def _plain_class(cls: type) -> bool:
     return plain
 
 
-def track_batch(m: Any, mean: Tensor, var: Tensor, n: int) -> None:
-    """The running-statistic update of BatchNorm-like ``m`` (torch's rule, counter
-    included) from statistics computed elsewhere: the mean and biased variance of ``n``
-    values per channel (SyncBatchNorm's global batch, Ghost/Renorm, accumulate)."""
-    if not (m.track_running_stats and m.num_batches_tracked is not None):
-        return
-    factor = count_batch(m)
-    if n == 0 or m.running_mean is None or m.running_var is None:
-        return
-    with torch.no_grad():
-        new_m, new_v = F.update_running_stats(m.running_mean, m.running_var, mean, var, n, factor)
-        m.running_mean.copy_(new_m)
-        m.running_var.copy_(new_v)
-
-
 class BatchNormBase(TorchBatchNorm):
     """Shared base: a subclass of ``torch.nn.modules.batchnorm._BatchNorm`` (so torch's
     helpers and other libraries treat every bnkit BatchNorm as a BatchNorm) whose forward
@@ -229,7 +196,7 @@ class BatchNormBase(TorchBatchNorm):
             )
         # eps is checked at the forward, as torch does (eps=-1 constructs; the training
         # forward says "eps must be positive")
-        F.check_momentum(momentum, where=name)
+        check_momentum(momentum, where=name)
         if momentum is not None and momentum > 0.5:
             warnings.warn(
                 f"{name}: momentum={momentum} gives the new batch weight {momentum} in "
@@ -253,7 +220,7 @@ class BatchNormBase(TorchBatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if isinstance(input, torch.fx.Proxy):  # fx tracing through torch's forward
             return
-        F.validate(
+        validate(
             input,
             where=self._layer_name(),
             batch_stats=False,
@@ -274,7 +241,7 @@ class BatchNormBase(TorchBatchNorm):
 
     def _forward(self, input: Tensor, residual: Tensor | None, act: int) -> Tensor:
         """``act(self(input) + residual)`` (``act``: an activation code of
-        ``bnkit.nn._kernels.ACTIVATIONS``), fused into the normalization's passes where the
+        ``bnkit.nn._activations``), fused into the normalization's passes where the
         fast path runs: what :func:`bnkit.nn.fused.batch_norm_act` calls. ``residual``
         must have the input's shape, dtype and device (the caller checks)."""
         running_mean = layer_tensor(self, "running_mean")
@@ -325,7 +292,7 @@ class _LazyBatchNorm(BatchNormBase):
 
     def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
         if self.has_uninitialized_params():  # type: ignore[attr-defined,operator]
-            F.validate(
+            validate(
                 input, where=type(self).__name__, batch_stats=False, eps=self.eps, ranks=self._ranks
             )
         super().initialize_parameters(input)  # type: ignore[misc]
@@ -334,38 +301,37 @@ class _LazyBatchNorm(BatchNormBase):
         return type(self).__name__
 
 
+@member("bnkit", 1)
 class BatchNorm1d(BatchNormBase, torch.nn.BatchNorm1d):
-    _ranks = (2, 3)
+    pass
 
 
+@member("bnkit", 2)
 class BatchNorm2d(BatchNormBase, torch.nn.BatchNorm2d):
-    _ranks = (4,)
+    pass
 
 
+@member("bnkit", 3)
 class BatchNorm3d(BatchNormBase, torch.nn.BatchNorm3d):
-    _ranks = (5,)
+    pass
 
 
+@member("lazy", 1)
 class LazyBatchNorm1d(torch.nn.LazyBatchNorm1d, _LazyBatchNorm):  # type: ignore[misc]
-    _ranks = (2, 3)
     cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
 
+@member("lazy", 2)
 class LazyBatchNorm2d(torch.nn.LazyBatchNorm2d, _LazyBatchNorm):  # type: ignore[misc]
-    _ranks = (4,)
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
 
+@member("lazy", 3)
 class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d, _LazyBatchNorm):  # type: ignore[misc]
-    _ranks = (5,)
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 
-_TORCH_OF: dict[type[Module], type[Module]] = {
-    BatchNorm1d: torch.nn.BatchNorm1d,
-    BatchNorm2d: torch.nn.BatchNorm2d,
-    BatchNorm3d: torch.nn.BatchNorm3d,
-}
+_TORCH_OF: dict[type[Module], type[Module]] = {c: torch_twin(c) for c in classes("bnkit")}
 _export.register_fusers(_TORCH_OF)
 _export.register_quantized(_TORCH_OF)
 

@@ -20,6 +20,7 @@ from torch.nn import Module
 
 from bnkit.nn import _export
 from bnkit.nn import functional as F
+from bnkit.nn._family import member
 from bnkit.nn._scriptable import ScriptableFrozenBatchNorm
 from bnkit.nn.batchnorm import validate_layer
 
@@ -115,19 +116,16 @@ class _FrozenBatchNorm(Module):
         return frozen
 
 
+@member("frozen", 1)
 class FrozenBatchNorm1d(_FrozenBatchNorm):
     """Frozen BatchNorm over (N, C) or (N, C, L) input."""
 
-    _ranks = (2, 3)
 
-
+@member("frozen", 2)
 class FrozenBatchNorm2d(_FrozenBatchNorm):
     """Frozen BatchNorm over (N, C, H, W) input."""
 
-    _ranks = (4,)
 
-
+@member("frozen", 3)
 class FrozenBatchNorm3d(_FrozenBatchNorm):
     """Frozen BatchNorm over (N, C, D, H, W) input."""
-
-    _ranks = (5,)

@@ -19,22 +19,14 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import Module
 
-from bnkit.nn import _kernels
+from bnkit.nn import _activations, _family, _router
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, one_call
+from bnkit.nn.batchnorm import BatchNormBase, one_call
 
-__all__ = ["ACTIVATIONS", "batch_norm_act"]
+__all__ = ["ACTIVATIONS", "FUSABLE", "batch_norm_act"]
 
-ACTIVATIONS = tuple(a for a in _kernels.ACTIVATIONS if a is not None)  # what they fuse
-_FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
-
-
-def _code(activation: str | None) -> int:
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(
-            f"batch_norm_act: activation must be one of {ACTIVATIONS} or None, got {activation!r}"
-        )
-    return _kernels.ACTIVATIONS[activation]
+ACTIVATIONS = _activations.names()  # what they fuse
+FUSABLE = _family.classes("bnkit")  # the classes whose passes take the activation
 
 
 def batch_norm_act(
@@ -51,8 +43,8 @@ def batch_norm_act(
             broadcast, say) the add is torch's
         activation: ``"relu"``, ``"relu6"`` or ``None``
     """
-    act = _code(activation)
-    if type(bn) in _FUSABLE:
+    act = _activations.code(activation)
+    if type(bn) in FUSABLE:
         assert isinstance(bn, BatchNormBase)
         y = one_call(bn, input, residual, act)  # the common call, in one C++ call
         if y is not None:
@@ -63,7 +55,7 @@ def batch_norm_act(
             residual is None
             or (
                 isinstance(residual, Tensor)
-                and not _kernels.capturing(input)
+                and not _router.capturing(input)
                 and residual.shape == input.shape
                 and residual.dtype == input.dtype
                 and residual.device == input.device

@@ -25,7 +25,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import BatchNormBase, track_batch
+from bnkit.nn._family import member
+from bnkit.nn._running import track_batch
+from bnkit.nn.batchnorm import BatchNormBase
 
 __all__ = ["SyncBatchNorm", "check_consistency", "resync"]
 
@@ -115,6 +117,7 @@ _serial = itertools.count()
 _by_name: weakref.WeakValueDictionary[str, SyncBatchNorm] = weakref.WeakValueDictionary()
 
 
+@member("sync", None)
 class SyncBatchNorm(BatchNormBase):
     r"""BatchNorm whose training statistics are those of every process's batch together.
 
@@ -136,8 +139,6 @@ class SyncBatchNorm(BatchNormBase):
     statistics equal those of one BatchNorm on the concatenated global batch; weight/bias
     gradients are each rank's share (DDP averages them).
     """
-
-    _ranks = (2, 3, 4, 5)
 
     def __init__(
         self,

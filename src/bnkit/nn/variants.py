@@ -18,8 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnkit.nn import _family
 from bnkit.nn import functional as F
-from bnkit.nn.batchnorm import BatchNormBase, is_batchnorm, track_batch
+from bnkit.nn._family import is_batchnorm
+from bnkit.nn._running import track_batch
+from bnkit.nn.batchnorm import BatchNormBase
 
 __all__ = [
     "BatchRenorm1d",
@@ -310,15 +313,16 @@ def accumulate(model: nn.Module, *, pooled: bool = False) -> Iterator[StatsAccum
         yield acc
 
 
-def _make(base: type, name: str, torch_cls: type) -> type:
-    ranks = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,)}[torch_cls.__name__]
-    attrs = {"_ranks": ranks, "__doc__": base.__doc__, "__module__": __name__}
-    return type(name, (base, torch_cls), attrs)
+def _make(base: type, kind: str, rank: int) -> type:
+    torch_cls = _family.TORCH[rank]
+    name = f"{base.__name__.removesuffix('Base')}{rank}d"
+    attrs = {"__doc__": base.__doc__, "__module__": __name__, "__qualname__": name}
+    return _family.member(kind, rank)(type(name, (base, torch_cls), attrs))
 
 
-BatchRenorm1d = _make(BatchRenormBase, "BatchRenorm1d", nn.BatchNorm1d)
-BatchRenorm2d = _make(BatchRenormBase, "BatchRenorm2d", nn.BatchNorm2d)
-BatchRenorm3d = _make(BatchRenormBase, "BatchRenorm3d", nn.BatchNorm3d)
-GhostBatchNorm1d = _make(GhostBatchNormBase, "GhostBatchNorm1d", nn.BatchNorm1d)
-GhostBatchNorm2d = _make(GhostBatchNormBase, "GhostBatchNorm2d", nn.BatchNorm2d)
-GhostBatchNorm3d = _make(GhostBatchNormBase, "GhostBatchNorm3d", nn.BatchNorm3d)
+BatchRenorm1d = _make(BatchRenormBase, "renorm", 1)
+BatchRenorm2d = _make(BatchRenormBase, "renorm", 2)
+BatchRenorm3d = _make(BatchRenormBase, "renorm", 3)
+GhostBatchNorm1d = _make(GhostBatchNormBase, "ghost", 1)
+GhostBatchNorm2d = _make(GhostBatchNormBase, "ghost", 2)
+GhostBatchNorm3d = _make(GhostBatchNormBase, "ghost", 3)

@@ -18,35 +18,26 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
-import bnkit.nn.batchnorm as bnb
-from bnkit.nn import frozen as bnf
-from bnkit.nn import variants as bnv
-from bnkit.nn.batchnorm import is_batchnorm
+import bnkit.nn.frozen
+import bnkit.nn.variants  # noqa: F401
+from bnkit.nn import _family as family
+from bnkit.nn._family import is_batchnorm
 from bnkit.nn.sync import SyncBatchNorm
 
 __all__ = ["convert", "batchnorm_rank", "is_batchnorm", "TARGETS"]
 
-_TORCH_BN: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_BNKIT_BN: tuple[type[nn.Module], ...] = (bnb.BatchNorm1d, bnb.BatchNorm2d, bnb.BatchNorm3d)
-_RANK = {cls: i + 1 for family in (_TORCH_BN, _BNKIT_BN) for i, cls in enumerate(family)}
+_RANKED = ("torch", "bnkit", "renorm", "ghost")  # the kinds convert maps rank for rank
+_TORCH_BN = family.classes("torch")
+_BNKIT_BN = family.classes("bnkit")
 
 
 def batchnorm_rank(module: nn.Module, default: int | None = None) -> int:
-    """1, 2 or 3 for a BatchNorm1d/2d/3d (torch's or bnkit's); for a SyncBatchNorm the rank
-    of the module it was converted from, else ``default``; raises otherwise."""
-    for cls, rank in _RANK.items():
-        if type(module) is cls:
-            return rank
-    for rank, names in enumerate(
-        (
-            ("BatchRenorm1d", "GhostBatchNorm1d"),
-            ("BatchRenorm2d", "GhostBatchNorm2d"),
-            ("BatchRenorm3d", "GhostBatchNorm3d"),
-        ),
-        start=1,
-    ):
-        if type(module).__name__ in names and type(module).__module__ == bnv.__name__:
-            return rank
+    """1, 2 or 3 for a BatchNorm1d/2d/3d (torch's or bnkit's, a Renorm or Ghost); for a
+    SyncBatchNorm the rank of the module it was converted from, else ``default``; raises
+    otherwise."""
+    rank = family.rank_of(module)
+    if rank is not None and family.kind_of(module) in _RANKED:
+        return rank
     origin = getattr(module, "_bnkit_origin_rank", None)
     if origin is not None:
         return int(origin)
@@ -146,7 +137,7 @@ def _plain_rank(m: nn.Module, sync_rank: int) -> int | None:
 
 
 def _is_variant(m: nn.Module) -> bool:
-    return isinstance(m, (bnv.BatchRenormBase, bnv.GhostBatchNormBase))
+    return family.kind_of(m) in ("renorm", "ghost")
 
 
 def _to_bnkit(m: nn.Module, **kw: Any) -> nn.Module | None:
@@ -173,7 +164,7 @@ def _to_sync(m: nn.Module, **kw: Any) -> nn.Module | None:
     return None
 
 
-_FROZEN = (bnf.FrozenBatchNorm1d, bnf.FrozenBatchNorm2d, bnf.FrozenBatchNorm3d)
+_FROZEN = family.classes("frozen")
 
 
 def _to_frozen(m: nn.Module, **kw: Any) -> nn.Module | None:
@@ -215,10 +206,8 @@ TARGETS: dict[str, Callable[..., nn.Module | None]] = {
     "torch": _to_torch,
     "frozen": _to_frozen,
     "sync": _to_sync,
-    "renorm": _to_variant((bnv.BatchRenorm1d, bnv.BatchRenorm2d, bnv.BatchRenorm3d), "renorm"),
-    "ghost": _to_variant(
-        (bnv.GhostBatchNorm1d, bnv.GhostBatchNorm2d, bnv.GhostBatchNorm3d), "ghost"
-    ),
+    "renorm": _to_variant(family.classes("renorm"), "renorm"),
+    "ghost": _to_variant(family.classes("ghost"), "ghost"),
 }
 
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
+from bnkit.nn._family import is_batchnorm
 from bnkit.tools._seeded import seeded
-from bnkit.tools.convert import is_batchnorm
 from bnkit.tools.freeze import is_stats_frozen
 
 __all__ = ["Finding", "diagnose"]

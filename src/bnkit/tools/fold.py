@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
+from bnkit.nn._family import is_batchnorm
 from bnkit.tools import _fx
 from bnkit.tools._seeded import seeded
-from bnkit.tools.convert import is_batchnorm
 
 __all__ = ["FoldReport", "FoldedLayer", "bn_affine", "fold", "fold_pair"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnkit.tools.convert import is_batchnorm
+from bnkit.nn._family import is_batchnorm
 
 __all__ = [
     "LayerSelector",

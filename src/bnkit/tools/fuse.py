@@ -34,43 +34,35 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnkit.nn import batchnorm as bnb
-from bnkit.nn.fused import batch_norm_act
+from bnkit.nn import _activations
+from bnkit.nn.fused import FUSABLE, batch_norm_act
 from bnkit.tools import _fx
 from bnkit.tools.convert import convert
 
 __all__ = ["fuse_activations", "fused_sites"]
 
-_FUSABLE = (bnb.BatchNorm1d, bnb.BatchNorm2d, bnb.BatchNorm3d)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_ADDS = {operator.iadd}
 
 
 def _activation(node: fx.Node, modules: dict[str, nn.Module], src: fx.Node) -> str | None:
-    """ "relu"/"relu6" when ``node`` applies that activation to ``src`` (and nothing else)."""
+    """The name of the activation (a row of ``bnkit.nn._activations.TABLE``) that
+    ``node`` applies to ``src`` and nothing else, or None."""
     if not node.args or node.args[0] is not src:
         return None
-    extra_args = node.args[1:]
-    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-    if node.op == "call_module":
-        m = modules.get(str(node.target))
-        if extra_args or kwargs or m is None or _fx.hooks(m):  # (hooks: not fused away)
-            return None
-        if type(m) is nn.ReLU:
-            return "relu"
-        if type(m) is nn.ReLU6:
-            return "relu6"
-        if type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
-            return "relu6"
+    if node.args[1:] or any(k != "inplace" for k in node.kwargs):
         return None
-    if node.op == "call_function":
-        if node.target in (torch.relu, torch.relu_, nn.functional.relu):
-            return "relu" if not extra_args and not kwargs else None
-        if node.target is nn.functional.relu6:
-            return "relu6" if not extra_args and not kwargs else None
-        return None
-    if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return "relu" if not extra_args and not kwargs else None
+    for act in _activations.TABLE:
+        if node.op == "call_module":
+            m = modules.get(str(node.target))
+            if m is None or _fx.hooks(m):  # (hooks: not fused away)
+                return None
+            if any(type(m) is cls and ok(m) for cls, ok in act.modules):
+                return act.name
+        elif (node.op == "call_function" and node.target in act.functions) or (
+            node.op == "call_method" and node.target in act.methods
+        ):
+            return act.name
     return None
 
 
@@ -126,7 +118,7 @@ def fuse_activations(
     graph = gm.graph
     sites: list[str] = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(str(node.target))) not in _FUSABLE:
+        if node.op != "call_module" or type(modules.get(str(node.target))) not in FUSABLE:
             continue
         if _fx.hooks(modules[str(node.target)]):  # the fused call would not run them
             continue
