@@ -1,6 +1,7 @@
 """bnkit's layers: what a user puts into a model."""
 
 from bnkit.nn import functional
+from bnkit.nn._family import is_batchnorm
 from bnkit.nn._kernels import available as fast_path_available
 from bnkit.nn._kernels import backend, set_backend
 from bnkit.nn.batchnorm import (
@@ -10,7 +11,6 @@ from bnkit.nn.batchnorm import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
-    is_batchnorm,
 )
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from bnkit.nn._family import is_batchnorm
+from bnkit.nn import is_batchnorm
 from bnkit.tools._seeded import seeded
 
 __all__ = ["UnfaithfulTrace", "as_tuple", "check_same", "flat", "hooks", "trace"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnkit.nn._family import is_batchnorm
+from bnkit.nn import is_batchnorm
 from bnkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.nn import functional as F
-from bnkit.nn._family import is_batchnorm
+from bnkit.nn import is_batchnorm
 from bnkit.tools import _fx
 from bnkit.tools._seeded import seeded
 

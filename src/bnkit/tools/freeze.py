@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnkit.nn._family import is_batchnorm
+from bnkit.nn import is_batchnorm
 
 __all__ = [
     "LayerSelector",

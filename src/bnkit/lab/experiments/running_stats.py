@@ -12,7 +12,7 @@ from torch import nn
 from bnkit.lab import models
 from bnkit.lab.context import Context, Section
 from bnkit.lab.train import accuracy, fit
-from bnkit.nn._family import is_batchnorm
+from bnkit.nn import is_batchnorm
 from bnkit.tools.recalibrate import recalibrate
 
 NAME = "running_stats"
