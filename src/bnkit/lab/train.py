@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bnkit.nn._family import is_batchnorm
+from bnkit.nn import is_batchnorm
 from bnkit.tools.freeze import no_stats_update
 
-__all__ = ["History", "accuracy", "bar", "fit", "per_class_accuracy", "predict"]
+__all__ = [
+    "History",
+    "SMALL_STEP",
+    "accuracy",
+    "bar",
+    "fit",
+    "per_class_accuracy",
+    "predict",
+    "threads_for",
+]
+
+# Input values per training step below which one intra-op thread is faster than torch's
+# default: the threads' wake-up and join cost more than the small ops they split, and a
+# step waits for its slowest thread, so one busy core stalls every op (docs/performance.md,
+# "The report's threads").
+SMALL_STEP = 32 * 28 * 28
+
+
+@contextlib.contextmanager
+def threads_for(values_per_step: int) -> Iterator[int]:
+    """torch's intra-op threads for a loop whose steps each take about ``values_per_step``
+    input values: one below :data:`SMALL_STEP`, else as they were; restored afterwards.
+    A thread count the user chose (``OMP_NUM_THREADS``, or torch already on one thread)
+    is kept. Yields the count in effect."""
+    before = torch.get_num_threads()
+    chosen = "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ
+    n = 1 if values_per_step < SMALL_STEP and not chosen else before
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def bar(total: int, desc: str, enabled: bool = True) -> tqdm:
@@ -60,7 +95,8 @@ def fit(
     opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr)
     hist = History()
     steps = len(y) // batch_size
-    with bar(epochs * steps, desc, progress) as pbar:
+    per_step = batch_size * (x[0].numel() if len(x) else 0)
+    with threads_for(per_step), bar(epochs * steps, desc, progress) as pbar:
         for epoch in range(epochs):
             model.train()
             perm = torch.randperm(len(y), generator=gen)

@@ -1912,3 +1912,81 @@ py::dict activation_codes() {
   codes["relu6"] = static_cast<int>(kRelu6);
   return codes;
 }
+
+// ------------------------------------------------------------ reduced-precision staging
+//
+// float32 <-> bfloat16/float16, element for element in memory order, for a dense tensor
+// (contiguous, channels_last or any permutation: it occupies numel consecutive values),
+// keeping its strides; rounding to nearest even as torch's .to() does. The router stages
+// half and bfloat16 input through these and the float32 kernels (torch computes them in
+// float32 too): torch's own conversion runs a scalar loop here, several times slower.
+namespace {
+
+inline uint16_t bf16_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN, as c10::BFloat16
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float float_from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+void convert_span(const void* src, void* dst, at::ScalarType from, at::ScalarType to,
+                  int64_t b, int64_t e) {
+  if (from == at::kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    float* d = static_cast<float*>(dst);
+    for (int64_t i = b; i < e; ++i) d[i] = float_from_bf16(s[i]);
+  } else if (to == at::kBFloat16) {
+    const float* s = static_cast<const float*>(src);
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = b; i < e; ++i) d[i] = bf16_from_float(s[i]);
+  } else if (from == at::kHalf) {
+    const c10::Half* s = static_cast<const c10::Half*>(src);
+    float* d = static_cast<float*>(dst);
+    int64_t i = b;
+#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= e; i += 8)
+      _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(s + i))));
+#endif
+    for (; i < e; ++i) d[i] = static_cast<float>(s[i]);
+  } else {
+    const float* s = static_cast<const float*>(src);
+    c10::Half* d = static_cast<c10::Half*>(dst);
+    int64_t i = b;
+#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= e; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < e; ++i) d[i] = c10::Half(s[i]);
+  }
+}
+
+}  // namespace
+
+at::Tensor convert(const at::Tensor& x, at::ScalarType to) {
+  const char* fn = "bnkit convert";
+  TORCH_CHECK(x.defined() && x.device().is_cpu() && x.layout() == at::kStrided, fn,
+              ": expected a strided CPU tensor");
+  const at::ScalarType from = x.scalar_type();
+  const bool low_from = from == at::kBFloat16 || from == at::kHalf;
+  const bool low_to = to == at::kBFloat16 || to == at::kHalf;
+  TORCH_CHECK((low_from && to == at::kFloat) || (from == at::kFloat && low_to), fn,
+              ": converts float32 <-> bfloat16/float16, got ", from, " -> ", to);
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), fn, ": expected a dense tensor");
+  at::Tensor y = at::empty_strided(x.sizes(), x.strides(), x.options().dtype(to));
+  const int64_t n = x.numel();
+  const void* src = x.data_ptr();
+  void* dst = y.data_ptr();
+  at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+    convert_span(src, dst, from, to, b, e);
+  });
+  return y;
+}

@@ -79,7 +79,7 @@ def _build() -> Any:
     flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
     # Vector width: what torch itself dispatches to on this CPU (the cache is per machine).
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     extra = os.environ.get("BNKIT_BUILD_FLAGS", "").split()
     flags += extra
     ldflags = ["-fopenmp", *(f for f in extra if f.startswith("-fsanitize"))]
@@ -113,6 +113,7 @@ def _build() -> Any:
             "set_graph_backward",
             "layer_forward",
             "activation_codes",
+            "convert",
         ],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -310,6 +311,12 @@ class FastPath:
         """:meth:`forward_eval` as a C++ autograd node (backward: :meth:`backward_eval`'s
         kernel, or the torch-op form of ``bnkit.nn._backward`` as for :meth:`train_node`)."""
         y: Tensor = self._mod.eval_fn(x, weight, bias, running_mean, running_var, eps)
+        return y
+
+    def convert(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x.to(dtype)`` between float32 and bfloat16/float16 for a dense ``x``, strides
+        kept, rounding to nearest even (torch's rule)."""
+        y: Tensor = self._mod.convert(x, dtype)
         return y
 
     def grad_apply(

@@ -12,7 +12,11 @@ asks :func:`train` or :func:`eval` with the call's tensors and gets a :class:`Ro
   :mod:`bnkit.nn._backward`): every device, dtype and layout, every graph capture.
 
 The kernels may read a tensor when every rule of :data:`RULES` holds for it (the C++ side
-checks its own preconditions again, so no slip here can become a memory error). A
+checks its own preconditions again, so no slip here can become a memory error). Where the
+only rules that fail are the dtype (half or bfloat16) and the layout (a strided view), the
+route carries a :class:`Stage`: the input is converted to float32 and/or copied to a
+contiguous tensor, the kernels run, and the output is rounded back once, which is faster
+than torch's ops on the original and the same math. A
 training call also updates the running buffers inside the kernel when :data:`BUFFER_RULES`
 hold for them; otherwise the kernel normalizes and the update is torch's.
 
@@ -35,6 +39,7 @@ from torch import Tensor
 
 from bnkit.nn import _kernels
 from bnkit.nn._kernels import FastPath
+from bnkit.nn._validate import LOW_PRECISION as LOW
 
 __all__ = [
     "BUFFER_RULES",
@@ -42,12 +47,15 @@ __all__ = [
     "RULES",
     "Path",
     "Route",
+    "Stage",
     "backward_sums",
     "builds_graph",
     "capturing",
     "data",
+    "dense",
     "eval",
     "has_storage",
+    "staged",
     "train",
 ]
 
@@ -61,10 +69,21 @@ class Path(enum.Enum):
     TORCH = "torch"
 
 
+class Stage(NamedTuple):
+    """How the tensors are brought to the kernels: in ``dtype`` (float32 for half and
+    bfloat16 input, the dtype torch computes them in; the output is rounded back once)
+    and/or copied to a contiguous tensor (a strided view; torch's output is contiguous
+    for one too). Both are ordinary torch ops, which autograd differentiates."""
+
+    dtype: torch.dtype | None
+    contiguous: bool
+
+
 class Route(NamedTuple):
     path: Path
     fast: FastPath | None  # the kernels, for KERNEL and NODE
     buffers: bool = False  # the kernel updates the running buffers itself
+    stage: Stage | None = None  # the input is converted for the kernels first
 
 
 def capturing(x: Tensor) -> bool:
@@ -126,33 +145,43 @@ def _layout_ok(x: Tensor) -> bool:
     return False
 
 
+def dense(t: Tensor) -> bool:
+    """Contiguous or channels_last: what the kernels' conversion takes."""
+    return _layout_ok(t) or t.is_contiguous()
+
+
 class Rule(NamedTuple):
     name: str
     holds: Callable[[Tensor], bool]
+    # where the rule fails, whether a conversion (a Stage) brings the input to the kernels
+    staged: Callable[[Tensor], bool] | None = None
 
 
 # In this order: each rule may assume the ones before it hold. (Capture before layout: a
 # vmap's batched tensor cannot be asked about channels_last.)
 RULES: tuple[Rule, ...] = (
     Rule("cpu", lambda x: x.is_cpu),
-    Rule("float32 or float64", lambda x: x.dtype in FAST_DTYPES),
+    Rule("float32 or float64", lambda x: x.dtype in FAST_DTYPES, lambda x: x.dtype in LOW),
     Rule("not empty", lambda x: x.numel() > 0),
     Rule("plain data", _plain_data),
     Rule("nothing captured", lambda x: not capturing(x)),
-    Rule("contiguous or channels_last", _layout_ok),
+    Rule("contiguous or channels_last", _layout_ok, lambda x: True),
 )
 
 
-def _buffer_ok(x: Tensor, b: Tensor) -> bool:
-    return b.dtype == x.dtype and b.is_contiguous() and not b.requires_grad
+def _buffer_ok(dtype: torch.dtype, b: Tensor) -> bool:
+    return b.dtype == dtype and b.is_contiguous() and not b.requires_grad
 
 
-# The running buffers a training kernel updates in place (else torch's ops update them).
-BUFFER_RULES: tuple[tuple[str, Callable[[Tensor, Tensor | None, Tensor | None], bool]], ...] = (
-    ("both buffers or neither", lambda x, rm, rv: (rm is None) == (rv is None)),
+# The running buffers a training kernel updates in place (else torch's ops update them),
+# given the dtype the kernel computes in.
+BUFFER_RULES: tuple[
+    tuple[str, Callable[[torch.dtype, Tensor | None, Tensor | None], bool]], ...
+] = (
+    ("both buffers or neither", lambda dt, rm, rv: (rm is None) == (rv is None)),
     (
-        "buffers of the input's dtype, contiguous, not requiring grad",
-        lambda x, rm, rv: rm is None or rv is None or (_buffer_ok(x, rm) and _buffer_ok(x, rv)),
+        "buffers of the kernel's dtype, contiguous, not requiring grad",
+        lambda dt, rm, rv: rm is None or rv is None or (_buffer_ok(dt, rm) and _buffer_ok(dt, rv)),
     ),
 )
 
@@ -165,6 +194,29 @@ def data(x: Tensor) -> FastPath | None:
     for rule in RULES:
         if not rule.holds(x):
             return None
+    return _kernels_now()
+
+
+def staged(x: Tensor) -> tuple[FastPath | None, Stage | None]:
+    """The kernels for ``x`` as it is (stage None), or after a :class:`Stage` where every
+    rule that fails can be met by one; (None, None) where they cannot take it."""
+    low = strided = False
+    for rule in RULES:
+        if rule.holds(x):
+            continue
+        if rule.staged is None or not rule.staged(x):
+            return None, None
+        if rule.name == "contiguous or channels_last":
+            strided = True
+        else:
+            low = True
+    fast = _kernels_now()
+    if fast is None or not (low or strided):
+        return fast, None
+    return fast, Stage(torch.float32 if low else None, strided)
+
+
+def _kernels_now() -> FastPath | None:
     global _fast
     mod = _kernels.get()
     if mod is None:
@@ -192,14 +244,15 @@ def train(
 ) -> Route:
     """The route of a training-mode call (batch statistics; the given running buffers
     are updated)."""
-    fast = data(x)
+    fast, stage = staged(x)
     if fast is None:
         return Route(Path.COMPILED if torch.compiler.is_compiling() else Path.TORCH, None)
+    dtype = stage.dtype if stage is not None and stage.dtype is not None else x.dtype
     buffers = running_mean is not None and all(
-        ok(x, running_mean, running_var) for _, ok in BUFFER_RULES
+        ok(dtype, running_mean, running_var) for _, ok in BUFFER_RULES
     )
     path = Path.NODE if builds_graph(x, weight, bias, residual) else Path.KERNEL
-    return Route(path, fast, buffers)
+    return Route(path, fast, buffers, stage)
 
 
 def eval(
@@ -212,11 +265,13 @@ def eval(
 ) -> Route:
     """The route of an eval-mode call (the given statistics). Statistics that require
     grad take torch's ops: the kernels do not differentiate in them."""
-    fast = None if running_mean.requires_grad or running_var.requires_grad else data(x)
+    if running_mean.requires_grad or running_var.requires_grad:
+        return Route(Path.TORCH, None)
+    fast, stage = staged(x)
     if fast is None:
         return Route(Path.TORCH, None)
     path = Path.NODE if builds_graph(x, weight, bias, residual) else Path.KERNEL
-    return Route(path, fast)
+    return Route(path, fast, False, stage)
 
 
 def backward_sums(x: Tensor, grad_out: Tensor) -> FastPath | None:

@@ -19,7 +19,7 @@ runs it with its handling off and returns the result as its own type).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -28,6 +28,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bnkit.nn import _activations, _router
 from bnkit.nn._backward import TrainNorm, train_backward
+from bnkit.nn._kernels import FastPath
 from bnkit.nn._router import Path
 from bnkit.nn._running import merge_stats, running_factor, update_running_stats
 from bnkit.nn._stats import (
@@ -117,21 +118,22 @@ def _train(
     route = _router.train(x, weight, bias, residual, rm, rv)
     fast = route.fast
     if fast is not None:
+        xk, wk, bk, rk = _staged(fast, route.stage, x, weight, bias, residual)
         in_kernel = None
         if route.buffers and rm is not None and rv is not None and not isinstance(factor, Tensor):
             in_kernel = (rm, rv, float(factor))
         if route.path is Path.KERNEL:
             # (a Function's apply would add a few microseconds: most of a small layer's call)
             y, mean, var, _ = fast.forward_train(
-                x, weight, bias, eps=eps, running=in_kernel, residual=residual, act=act
+                xk, wk, bk, eps=eps, running=in_kernel, residual=rk, act=act
             )
         else:
             y, mean, var = fast.train_node(
-                x, weight, bias, eps=eps, running=in_kernel, residual=residual, act=act
+                xk, wk, bk, eps=eps, running=in_kernel, residual=rk, act=act
             )
         if in_kernel is None and (rm is not None or rv is not None):
             _update(x, rm, rv, mean, var, factor)
-        return y, mean, var
+        return _unstaged(fast, y, x.dtype), mean, var
     if x.numel() == 0:
         # Keep the empty output connected to the graph, as torch does.
         y = x.to(compute_dtype(x))
@@ -148,6 +150,59 @@ def _train(
     if rm is not None or rv is not None:
         _update(x, rm, rv, mean, var, factor)
     return finish_activation(y, residual, act), mean, var
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _staged(
+    fast: FastPath,
+    stage: _router.Stage | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The call's tensors as the kernels take them (see :class:`bnkit.nn._router.Stage`),
+    differentiably, so autograd carries the gradients back."""
+    if stage is None:
+        return x, weight, bias, residual
+    xk = x.contiguous() if stage.contiguous else x
+    if stage.dtype is not None:
+        xk = _convert(fast, xk, stage.dtype)
+    dt = xk.dtype
+    wk = None if weight is None else _as(weight, dt)
+    bk = None if bias is None else _as(bias, dt)
+    rk = None if residual is None else _as(residual, dt)
+    return xk, wk, bk, rk
+
+
+def _unstaged(fast: FastPath, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """The kernels' output in the input's dtype (rounded once)."""
+    return y if y.dtype == dtype else _convert(fast, y, dtype)
+
+
+def _convert(fast: FastPath, t: Tensor, dtype: torch.dtype) -> Tensor:
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _Convert.apply(t, dtype, fast)  # type: ignore[no-any-return]
+    return fast.convert(t, dtype)
+
+
+class _Convert(torch.autograd.Function):
+    """float32 <-> half/bfloat16 with the kernels' conversion, both ways (torch's ``.to``
+    under a double backward, which must differentiate it)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, dtype: torch.dtype, fast: FastPath) -> Tensor:  # type: ignore[override]
+        ctx.src, ctx.fast = t.dtype, fast
+        return fast.convert(t, dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
+        if torch.is_grad_enabled() or not (_router.has_storage(grad) and _router.dense(grad)):
+            return grad.to(ctx.src), None, None
+        return ctx.fast.convert(grad, ctx.src), None, None
 
 
 def _update(
@@ -207,11 +262,12 @@ def normalize_eval(
     route = _router.eval(x, weight, bias, residual, running_mean, running_var)
     fast = route.fast
     if fast is not None:
+        xk, wk, bk, rk = _staged(fast, route.stage, x, weight, bias, residual)
+        rmk, rvk = _as(running_mean, xk.dtype), _as(running_var, xk.dtype)
         if route.path is Path.KERNEL:  # one pass, the activation and residual included
-            return fast.forward_eval(
-                x, running_mean, running_var, weight, bias, eps=eps, residual=residual, act=act
-            )
-        y = fast.eval_node(x, weight, bias, running_mean, running_var, eps=eps)
+            y = fast.forward_eval(xk, rmk, rvk, wk, bk, eps=eps, residual=rk, act=act)
+            return _unstaged(fast, y, x.dtype)
+        y = _unstaged(fast, fast.eval_node(xk, wk, bk, rmk, rvk, eps=eps), x.dtype)
         return finish_activation(y, residual, act)
     y = eval_forward(x, running_mean, running_var, weight, bias, eps)
     return finish_activation(y, residual, act)

@@ -13,7 +13,7 @@ from torch import nn
 
 from bnkit.lab import models
 from bnkit.lab.context import Context, Section
-from bnkit.lab.train import accuracy, bar
+from bnkit.lab.train import accuracy, bar, threads_for
 from bnkit.nn.variants import accumulate
 
 NAME = "small_batch"
@@ -68,7 +68,8 @@ def _train(
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     steps = len(y) // batch
     model.train()
-    with bar(steps * _epochs(ctx), desc, ctx.progress) as pbar:
+    per_step = batch * (x[0].numel() if len(x) else 0)
+    with threads_for(per_step), bar(steps * _epochs(ctx), desc, ctx.progress) as pbar:
         for _ in range(_epochs(ctx)):
             perm = torch.randperm(len(y), generator=gen)
             _epoch(model, opt, x, y, perm, steps, batch, accumulate_k, pbar)
