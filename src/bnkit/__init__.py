@@ -33,6 +33,7 @@ from bnkit.tools.fold import fold
 from bnkit.tools.freeze import StatsGuard, freeze, frozen_layers, no_stats_update, unfreeze
 from bnkit.tools.fuse import fuse_activations, fused_sites
 from bnkit.tools.recalibrate import recalibrate
+from bnkit.tools.watch import BatchNormWarning, watch
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormWarning",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -75,4 +77,5 @@ __all__ = [
     "to_flax",
     "to_keras",
     "unfreeze",
+    "watch",
 ]

@@ -272,14 +272,17 @@ Layout layout_of(const at::Tensor& x) {
   lo.N = x.size(0);
   lo.L = lo.C > 0 && lo.N > 0 ? x.numel() / (lo.N * lo.C) : 0;
   lo.R = lo.N * lo.L;
-  lo.fastest = x.dim() == 2 || !x.is_contiguous();
+  // One value per sample and channel (L = 1: (N, C, 1), (N, C, 1, 1), ...): contiguous
+  // memory is then (N, C) rows, which the channels-fastest loops read in long runs; the
+  // NCHW loops would take runs of one value.
+  lo.fastest = x.dim() == 2 || lo.L == 1 || !x.is_contiguous();
   return lo;
 }
 
 // The memory order the kernels read: contiguous NCHW, or channels-fastest.
 at::Tensor as_layout(const at::Tensor& t, bool fastest) {
   if (!fastest) return t.contiguous();
-  if (t.dim() == 2) return t.contiguous();
+  if (t.dim() <= 3) return t.contiguous();  // 2-D, or 3-D with L = 1: rows as they are
   auto fmt = t.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
   return t.contiguous(fmt);
 }

@@ -14,6 +14,7 @@ from bnkit.lab.context import Context, Section
 from bnkit.lab.train import accuracy, fit
 from bnkit.nn import is_batchnorm
 from bnkit.tools.recalibrate import recalibrate
+from bnkit.tools.watch import watch
 
 NAME = "running_stats"
 TITLE = "Running statistics: momentum, cumulative average and recalibration"
@@ -38,6 +39,11 @@ def _distance(model: nn.Module, x: torch.Tensor) -> float:
     return sum(dists) / len(dists)
 
 
+def _measure(model: nn.Module, x: torch.Tensor, out: list[float], watched: Any) -> None:
+    with watched.paused():  # recalibrate's forwards are not the training loop's
+        out.append(_distance(model, x))
+
+
 def run(ctx: Context) -> Section:
     x, y = ctx.train
     res: dict[str, dict[str, object]] = {}
@@ -47,18 +53,23 @@ def run(ctx: Context) -> Section:
         torch.manual_seed(ctx.seed)
         model = models.mlp("bnkit", momentum=momentum)
         dist: list[float] = []
-        fit(
-            model,
-            x,
-            y,
-            epochs=ctx.epochs,
-            lr=LR,
-            batch_size=ctx.batch_size,
-            seed=ctx.seed,
-            desc=f"mlp ({label})",
-            progress=ctx.progress,
-            on_epoch=lambda _e, m=model, d=dist: d.append(_distance(m, x)),
-        )
+        every = max(1, ctx.epochs * (len(y) // ctx.batch_size) // 60)
+        with watch(model, every=every, warn=False) as watched:
+            fit(
+                model,
+                x,
+                y,
+                epochs=ctx.epochs,
+                lr=LR,
+                batch_size=ctx.batch_size,
+                seed=ctx.seed,
+                desc=f"mlp ({label})",
+                progress=ctx.progress,
+                on_epoch=lambda _e, m=model, d=dist, w=watched: _measure(m, x, d, w),
+            )
+        if momentum == MOMENTA[0]:  # each layer's running statistics over the steps
+            layers_plot = "running_stats_layers.png"
+            watched.history.plot(ctx.out / layers_plot, title=f"MLP, {label}: per layer")
         res[label] = {"distance_per_epoch": dist, "test_acc_eval": accuracy(model, *ctx.test)}
         ax.plot(range(1, len(dist) + 1), dist, marker="o", label=label)
         if momentum == 0.01:
@@ -94,6 +105,6 @@ def run(ctx: Context) -> Section:
         TITLE,
         summary,
         {k: v for k, v in res.items()},
-        [plot],
+        [plot, layers_plot],
         [("At the end of training", ["statistics", "distance", "test acc (eval)"], rows)],
     )
