@@ -119,7 +119,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dia.add_argument("--json", action="store_true", help="machine-readable output")
     dia.set_defaults(func=_cmd_diagnose)
+
+    fol = sub.add_parser(
+        "fold",
+        help="fold a saved model's eval-mode BatchNorms into its conv/linear layers",
+        description="Load a whole saved model (torch.save(model)), fold every BatchNorm that "
+        "can be folded (bnkit.fold, checked on an example batch), write the folded model and "
+        "print the report: folded / total, and for each layer left the reason.",
+    )
+    fol.add_argument("model", help="a file written by torch.save(model) (a whole model)")
+    fol.add_argument(
+        "--out", required=True, metavar="FILE.pt", help="where to write the folded model"
+    )
+    fol.add_argument(
+        "--input",
+        required=True,
+        metavar="SHAPE|tensor:FILE.pt",
+        help="the example input: a shape such as 1,3,224,224 (random normal) or a saved tensor",
+    )
+    fol.add_argument(
+        "--trust", action="store_true", help="allow unpickling the model (runs code from it)"
+    )
+    fol.add_argument("--json", action="store_true", help="machine-readable report")
+    fol.set_defaults(func=_cmd_fold)
     return parser
+
+
+def _example(spec: str) -> object:
+    import torch
+
+    from bnkit.tools.checkpoints import load_checkpoint
+
+    if spec.startswith("tensor:"):
+        x = load_checkpoint(spec[7:])
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"--input {spec}: expected a saved tensor, got {type(x).__name__}")
+        return x
+    try:
+        shape = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(v <= 0 for v in shape):
+        raise ValueError(
+            f"--input {spec!r}: expected a shape of positive ints (1,3,224,224) or tensor:FILE.pt"
+        )
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def _cmd_fold(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from bnkit.tools.checkpoints import load_checkpoint
+    from bnkit.tools.fold import fold
+
+    model = load_checkpoint(args.model, trust=args.trust)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"{args.model}: holds an object of type {type(model).__name__}, not a whole "
+            "model; save it with torch.save(model) (fold needs to run it)"
+        )
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
+    folded, report = fold(model.eval(), _example(args.input))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(folded, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "folded": len(report.folded),
+                    "total": len(report.layers),
+                    "max_abs_error": report.max_abs_error,
+                    "max_rel_error": report.max_rel_error,
+                    "layers": [vars(f) for f in report.layers],
+                    "out": str(out),
+                },
+                indent=1,
+            )
+        )
+    else:
+        print(report)
+        print(f"wrote {out}")
+    return 0
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:

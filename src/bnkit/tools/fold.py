@@ -408,6 +408,186 @@ def _fold_recursive(module: nn.Module, prefix: str, report: FoldReport, ctx: _Co
     return module
 
 
+def _close(ref: list[Tensor], got: list[Tensor]) -> float | None:
+    """The worst relative error of ``got`` against ``ref`` when within float rounding (of
+    the dtype), else None."""
+    worst = 0.0
+    if len(ref) != len(got):
+        return None
+    for a, b in zip(ref, got, strict=True):
+        if a.shape != b.shape:
+            return None
+        if not a.numel():
+            continue
+        err = (a.double() - b.double()).abs().max().item()
+        scale = max(a.double().abs().max().item(), 1.0)
+        tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+        if not err <= tol * scale:
+            return None
+        worst = max(worst, err / scale)
+    return worst
+
+
+def _permuted(bn: Any, order: list[int]) -> nn.Module:
+    """An eval BatchNorm1d whose channel ``order[c]`` is ``bn``'s channel ``c``."""
+    c = len(order)
+    tmp = nn.BatchNorm1d(c, eps=bn.eps, affine=True).eval().double()
+    idx = torch.tensor(order)
+    w = getattr(bn, "weight", None)
+    b = getattr(bn, "bias", None)
+    rm, rv = tmp.running_mean, tmp.running_var
+    assert rm is not None and rv is not None
+    with torch.no_grad():
+        rm[idx] = bn.running_mean.double().cpu()
+        rv[idx] = bn.running_var.double().cpu()
+        tmp.weight[idx] = w.double().cpu() if w is not None else torch.ones(c, dtype=torch.float64)
+        tmp.bias[idx] = b.double().cpu() if b is not None else torch.zeros(c, dtype=torch.float64)
+    return tmp.to(bn.running_mean.device)
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    head, _, leaf = path.rpartition(".")
+    return (model.get_submodule(head) if head else model), leaf
+
+
+def _fold_by_flow(
+    model: nn.Module, example: tuple[Any, ...], report: FoldReport, ref: list[Tensor]
+) -> None:
+    """Fold the BatchNorms left unfolded by following the data flow of one forward
+    (:mod:`bnkit.tools._dataflow`); each fold is kept only if the model's output on the
+    example is reproduced."""
+    from bnkit.tools import _dataflow
+
+    todo = [e for e in report.layers if not e.folded]
+    if not todo:
+        return
+    modules = dict(model.named_modules())
+    todo = [e for e in todo if e.name in modules and _bn_reason(modules[e.name]) is None]
+    if not todo:
+        return
+    try:
+        with seeded():
+            flow = _dataflow.record(
+                model, example, lambda m: is_batchnorm(m) or isinstance(m, _LAYERS)
+            )
+    except Exception:  # a model that cannot run under a TorchFunctionMode: keep the fx result
+        return
+    for entry in todo:
+        bn = modules[entry.name]
+        x = flow.inputs.get(entry.name)
+        if x is None or flow.calls.get(entry.name, 0) != 1:
+            continue
+        base, ops = flow.chain(x)
+        layer_path = flow.produced_by.get(id(base))
+        reason = None
+        if layer_path is not None:
+            reason = _try_after(model, flow, entry, bn, base, ops, layer_path, example, ref)
+        if not entry.folded:
+            why = _try_before(model, flow, entry, bn, example, ref)
+            if not entry.folded and (reason or why):
+                entry.reason = f"{entry.reason}; by data flow: {reason or why}"
+
+
+def _try_after(
+    model: nn.Module,
+    flow: Any,
+    entry: FoldedLayer,
+    bn: Any,
+    base: Tensor,
+    ops: list[Any],
+    layer_path: str,
+    example: tuple[Any, ...],
+    ref: list[Tensor],
+) -> str | None:
+    layer = model.get_submodule(layer_path)
+    if flow.calls.get(layer_path, 0) != 1:
+        return f"{layer_path} runs more than once"
+    chain_ok = flow.uses.get(id(base), 0) == 1 and all(
+        flow.uses.get(id(t), 0) == 1 for t in _chain_tensors(flow, flow.inputs[entry.name])
+    )
+    if not chain_ok:
+        return f"the output of {layer_path} is used elsewhere too"
+    if (why := _hook_reason(layer, bn)) is not None:
+        return why
+    axis = base.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    order = _dataflow_map(base, axis, ops, bn.num_features)
+    if order is None:
+        return (
+            f"the shape ops between {layer_path} and it do not keep each of its channels on "
+            f"one output channel of {layer_path}"
+        )
+    return _commit(model, entry, bn, layer, layer_path, _permuted(bn, order), "after", example, ref)
+
+
+def _dataflow_map(base: Tensor, axis: int, ops: list[Any], channels: int) -> list[int] | None:
+    from bnkit.tools._dataflow import channel_map
+
+    return channel_map(base, axis, ops, channels)
+
+
+def _chain_tensors(flow: Any, x: Tensor) -> list[Tensor]:
+    out = []
+    t = x
+    while id(t) in flow.shape_op:
+        out.append(t)
+        t = flow.shape_op[id(t)][1]
+    return out
+
+
+def _try_before(
+    model: nn.Module,
+    flow: Any,
+    entry: FoldedLayer,
+    bn: Any,
+    example: tuple[Any, ...],
+    ref: list[Tensor],
+) -> str | None:
+    y = flow.outputs.get(entry.name)
+    if y is None:
+        return None
+    users = [p for p, t in flow.inputs.items() if t is y and p != entry.name]
+    if len(users) != 1 or flow.uses.get(id(y), 0) != 1:
+        return None
+    path = users[0]
+    layer = model.get_submodule(path)
+    if not isinstance(layer, _LAYERS) or flow.calls.get(path, 0) != 1:
+        return None
+    if isinstance(layer, nn.Linear) and y.dim() != 2:
+        return "its output is not (N, C) for the following Linear"
+    if (why := _why_not_before(layer, bn)) is not None:
+        return why
+    return _commit(model, entry, bn, layer, path, bn, "before", example, ref)
+
+
+def _commit(
+    model: nn.Module,
+    entry: FoldedLayer,
+    bn: Any,
+    layer: Any,
+    layer_path: str,
+    affine: Any,
+    position: str,
+    example: tuple[Any, ...],
+    ref: list[Tensor],
+) -> str | None:
+    """Fold, replace the BatchNorm by Identity, keep it only if the model's output holds."""
+    saved = (layer.weight, layer.bias)
+    parent, leaf = _parent(model, entry.name)
+    fold_pair(layer, affine, position)
+    parent._modules[leaf] = nn.Identity()
+    try:
+        ok = _close(ref, _outputs(model, example)) is not None
+    except Exception:
+        ok = False
+    if not ok:
+        layer.weight, layer.bias = saved
+        parent._modules[leaf] = bn
+        return f"folding into {layer_path} changed the model's output: left alone"
+    entry.folded, entry.into, entry.position = True, layer_path, position
+    entry.reason = None
+    return None
+
+
 def _outputs(model: nn.Module, example: tuple[Any, ...]) -> list[Tensor]:
     """The model's output tensors on the example, under one fixed random state (a model
     that draws random numbers in eval is compared with itself, not with other draws)."""
@@ -443,6 +623,7 @@ def fold(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldReport]:
     ctx = _Context(_record_calls(copy.deepcopy(model), example))
     report = FoldReport()
     folded = _fold_recursive(work, "", report, ctx)
+    _fold_by_flow(folded, example, report, ref)
     got = _outputs(copy.deepcopy(folded), example)
     for a, b in zip(ref, got, strict=True):
         err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
