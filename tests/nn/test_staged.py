@@ -125,3 +125,35 @@ def test_the_conversion_is_torchs_bit_for_bit(backend: str, dtype: torch.dtype) 
         fast.convert(torch.ones(4, 8)[:, ::2], dtype)
     with pytest.raises(RuntimeError, match="float32 <-> bfloat16/float16"):
         fast.convert(torch.ones(4, dtype=torch.float64), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["relu", "relu6", None])
+def test_the_one_pass_low_precision_eval_matches_the_staged_route(
+    backend: str, dtype: torch.dtype, act: str | None
+) -> None:
+    """forward_eval_low (bfloat16/half read and written directly) gives what the staged
+    route (convert, float32 kernel, convert back) gives, bit for bit, and checks its own
+    preconditions."""
+    if backend != "cpp":
+        pytest.skip("the kernels")
+    from bnkit.nn import _activations
+
+    fast = _router.data(torch.ones(2, 2))
+    assert fast is not None
+    g = torch.Generator().manual_seed(6)
+    rm, rv = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    code = _activations.code(act)
+    for view in ("contiguous", "channels_last"):
+        x = _x(dtype, view)
+        one = fast.forward_eval_low(x, rm, rv, w, b, eps=1e-5, act=code)
+        staged = fast.forward_eval(x.float(), rm, rv, w, b, eps=1e-5, act=code).to(dtype)
+        assert one.dtype == dtype and one.stride() == x.stride()
+        assert torch.equal(one, staged)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        fast.forward_eval_low(torch.ones(2, C), rm, rv, w, b, eps=1e-5)
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        fast.forward_eval_low(_x(dtype, "transposed"), rm, rv, w, b, eps=1e-5)
+    with pytest.raises(RuntimeError, match="running_var should contain"):
+        fast.forward_eval_low(_x(dtype, "contiguous"), rm, rv[:2], w, b, eps=1e-5)

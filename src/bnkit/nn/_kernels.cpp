@@ -1928,8 +1928,9 @@ namespace {
 inline uint16_t bf16_from_float(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN, as c10::BFloat16
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // NaN -> 0x7fc0, as c10::BFloat16
+  return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);  // a select: the loop vectorises
 }
 
 inline float float_from_bf16(uint16_t h) {
@@ -1991,5 +1992,107 @@ at::Tensor convert(const at::Tensor& x, at::ScalarType to) {
   at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
     convert_span(src, dst, from, to, b, e);
   });
+  return y;
+}
+
+// ------------------------------------------------- reduced-precision eval, in one pass
+//
+// act((x - running_mean) * weight / sqrt(running_var + eps) + bias) for half/bfloat16 x
+// (contiguous or channels_last), read and written in x's dtype and computed in float32,
+// the per-channel factors from float64 (what the staged route computes, without the two
+// conversion passes and the float32 copies between them).
+namespace {
+
+// Blocks of kLowBlock values converted to float32 in L1 (the conversions vectorised:
+// F16C for half where the build has it, a shift for bfloat16), computed, converted back.
+constexpr int64_t kLowBlock = 256;
+
+template <typename S>
+constexpr at::ScalarType low_type() {
+  return std::is_same_v<S, at::BFloat16> ? at::kBFloat16 : at::kHalf;
+}
+
+template <typename S, int A>
+inline void eval_low_span(const S* xs, S* ys, int64_t n, const float* m, const float* a,
+                          const float* b, bool per_value) {
+  alignas(64) float buf[kLowBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kLowBlock) {
+    const int64_t k = std::min(kLowBlock, n - i0);
+    convert_span(xs + i0, buf, low_type<S>(), at::kFloat, 0, k);
+    if (per_value) {  // channels-fastest: channel i0 + j
+      const float *mm = m + i0, *aa = a + i0, *bb = b + i0;
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j) buf[j] = act_f<A>((buf[j] - mm[j]) * aa[j] + bb[j]);
+    } else {  // one channel for the whole run
+      const float mc = m[0], ac = a[0], bc = b[0];
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j) buf[j] = act_f<A>((buf[j] - mc) * ac + bc);
+    }
+    convert_span(buf, ys + i0, at::kFloat, low_type<S>(), 0, k);
+  }
+}
+
+template <typename S, int A>
+void eval_low_loop(const S* x, S* y, const Layout& lo, const float* m, const float* a,
+                   const float* b) {
+  const int64_t C = lo.C;
+  if (!lo.fastest) {  // NCHW: runs of L values of one channel
+    const int64_t L = lo.L, runs = lo.N * C;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+    at::parallel_for(0, runs, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        eval_low_span<S, A>(x + r * L, y + r * L, L, m + c, a + c, b + c, false);
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, lo.R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) eval_low_span<S, A>(x + r * C, y + r * C, C, m, a, b, true);
+  });
+}
+
+}  // namespace
+
+at::Tensor forward_eval_low(const at::Tensor& x_in, const at::Tensor& running_mean,
+                            const at::Tensor& running_var, const c10::optional<at::Tensor>& w,
+                            const c10::optional<at::Tensor>& b, double eps, int64_t act) {
+  const char* fn = "bnkit forward_eval_low";
+  TORCH_CHECK(x_in.defined() && x_in.device().is_cpu() && x_in.layout() == at::kStrided, fn,
+              ": expected a strided CPU tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf, fn,
+              ": expected bfloat16 or float16 input, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 2 && x_in.numel() > 0, fn, ": expected a non-empty (N, C, *) input");
+  TORCH_CHECK(usable(x_in), fn, ": expected a contiguous or channels_last input");
+  check_act(act, fn);
+  const int64_t C_in = x_in.size(1);
+  check_channel(running_mean, C_in, fn, "running_mean");
+  check_channel(running_var, C_in, fn, "running_var");
+  check_channel(w, C_in, fn, "weight");
+  check_channel(b, C_in, fn, "bias");
+  TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
+  const Layout lo = layout_of(x_in);
+  at::Tensor x = as_layout(x_in, lo.fastest);
+  at::Tensor y = new_output(x);
+  const int64_t C = lo.C;
+  const std::vector<double> md = doubles(running_mean, C, 0.0), hd = doubles(b, C, 0.0);
+  const std::vector<double> vd = doubles(running_var, C, 1.0), wd = doubles(w, C, 1.0);
+  std::vector<float> m(C), a(C), k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    m[c] = static_cast<float>(md[c]);
+    a[c] = static_cast<float>(wd[c] / std::sqrt(vd[c] + eps));
+    k[c] = static_cast<float>(hd[c]);
+  }
+  auto run = [&](auto s) {
+    using S = decltype(s);
+    const S* xp = static_cast<const S*>(x.data_ptr());
+    S* yp = static_cast<S*>(y.data_ptr());
+    if (act == kRelu) eval_low_loop<S, kRelu>(xp, yp, lo, m.data(), a.data(), k.data());
+    else if (act == kRelu6) eval_low_loop<S, kRelu6>(xp, yp, lo, m.data(), a.data(), k.data());
+    else eval_low_loop<S, kNoAct>(xp, yp, lo, m.data(), a.data(), k.data());
+  };
+  if (x.scalar_type() == at::kBFloat16) run(at::BFloat16());
+  else run(at::Half());
   return y;
 }

@@ -262,7 +262,18 @@ def normalize_eval(
     route = _router.eval(x, weight, bias, residual, running_mean, running_var)
     fast = route.fast
     if fast is not None:
-        xk, wk, bk, rk = _staged(fast, route.stage, x, weight, bias, residual)
+        stage = route.stage
+        if (
+            route.path is Path.KERNEL
+            and stage is not None
+            and stage.dtype is not None
+            and not stage.contiguous
+            and residual is None
+        ):  # half/bfloat16 in one pass, in their own dtype
+            return fast.forward_eval_low(
+                x, running_mean, running_var, weight, bias, eps=eps, act=act
+            )
+        xk, wk, bk, rk = _staged(fast, stage, x, weight, bias, residual)
         rmk, rvk = _as(running_mean, xk.dtype), _as(running_var, xk.dtype)
         if route.path is Path.KERNEL:  # one pass, the activation and residual included
             y = fast.forward_eval(xk, rmk, rvk, wk, bk, eps=eps, residual=rk, act=act)
