@@ -5,6 +5,7 @@ helpers and tools that replace a layer keep it correct."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,51 @@ def test_layers_with_hooks_are_not_fused_away(where: str) -> None:
     seen.clear()
     torch.testing.assert_close(fused(x), net(x))
     assert len(seen) == 2  # the hook ran in both
+
+
+class _UntraceableBlock(nn.Module):
+    """Conv -> BN -> ReLU6 modules behind a data-dependent branch: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) != float(x.sum()):
+            return x
+        return self.act(self.bn(self.conv(x)))
+
+
+def test_an_untraceable_model_is_fused_by_its_data_flow() -> None:
+    model = nn.Sequential(_UntraceableBlock())
+    with torch.no_grad():
+        model[0].bn.running_mean.uniform_(-1, 1)
+        model[0].bn.running_var.uniform_(0.5, 2)
+    x = random_input((2, 3, 8, 8), torch.float32, 3)
+    for training in (False, True):
+        ref = copy.deepcopy(model).train(training)
+        fused = bnkit.fuse_activations(copy.deepcopy(model).train(training), x)
+        assert bnkit.fused_sites(fused) == ["0.bn + relu6"]
+        assert isinstance(fused[0].act, nn.Identity)
+        assert set(fused.state_dict()) == set(ref.state_dict())  # names kept
+        torch.testing.assert_close(fused(x), ref(x))
+        assert "fused_activation='relu6'" in repr(fused[0].bn)
+    scripted = torch.jit.script(bnkit.fuse_activations(copy.deepcopy(model).eval(), x))
+    torch.testing.assert_close(scripted(x), copy.deepcopy(model).eval()(x))
+
+
+def test_transformers_mobilenet_v2_is_fused_by_data_flow() -> None:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.35, image_size=64))
+        model.eval()
+        x = torch.randn(1, 3, 64, 64)
+        want = model(x).last_hidden_state
+        fused = bnkit.fuse_activations(model, x)
+    sites = bnkit.fused_sites(fused)
+    assert len(sites) == 35 and all(s.endswith("+ relu6") for s in sites)
+    torch.testing.assert_close(fused(x).last_hidden_state, want, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm as TorchBatchNorm
 from torch.nn.modules.batchnorm import _NormBase
 
-from bnkit.nn import _export, _kernels
+from bnkit.nn import _activations, _export, _kernels
 from bnkit.nn import functional as F
 from bnkit.nn._family import classes, is_batchnorm, member, torch_twin
 from bnkit.nn._running import count_batch
@@ -234,10 +234,12 @@ class BatchNormBase(TorchBatchNorm):
         validate_layer(self, input, batch_stats)
 
     def forward(self, input: Tensor) -> Tensor:
-        y = one_call(self, input, None, 0)
+        # an activation fused into this layer by fuse_activations' data-flow route (0: none)
+        act = self.__dict__.get("_bnkit_act", 0)
+        y = one_call(self, input, None, act)
         if y is not None:
             return y
-        return self._forward(input, None, 0)
+        return self._forward(input, None, act)
 
     def _forward(self, input: Tensor, residual: Tensor | None, act: int) -> Tensor:
         """``act(self(input) + residual)`` (``act``: an activation code of
@@ -281,8 +283,22 @@ class BatchNormBase(TorchBatchNorm):
     def __prepare_scriptable__(self) -> Module:
         """``torch.jit.script`` compiles torch's own module in place of this one (same
         parameters and buffers, shared, not copied): TorchScript cannot compile bnkit's
-        Python forward, and torch's is the same function."""
+        Python forward, and torch's is the same function (followed by the activation
+        fused into this layer, if any)."""
+        act = self.__dict__.get("_bnkit_act", 0)
+        if act:
+            row = _activations.lookup(act)
+            assert row is not None and row.modules
+            cls, _ = row.modules[0]
+            return torch.nn.Sequential(_export.as_torch(self), cls())
         return _export.as_torch(self)
+
+    def extra_repr(self) -> str:
+        act = self.__dict__.get("_bnkit_act", 0)
+        if not act:
+            return super().extra_repr()
+        row = _activations.lookup(act)
+        return f"{super().extra_repr()}, fused_activation={row.name if row else act!r}"
 
 
 class _LazyBatchNorm(BatchNormBase):

@@ -84,7 +84,67 @@ def _residual(node: fx.Node, src: fx.Node) -> fx.Node | None:
     return other
 
 
-def fused_sites(gm: fx.GraphModule) -> list[str]:
+def _act_of(m: nn.Module) -> str | None:
+    for row in _activations.TABLE:
+        if any(type(m) is cls and ok(m) for cls, ok in row.modules):
+            return row.name
+    return None
+
+
+def _fuse_by_flow(model: nn.Module, example: tuple[Any, ...]) -> nn.Module | None:
+    """For a model fx cannot trace whole: fuse each BatchNorm whose output goes only into
+    an activation *module* (a row of the activation table), by the data flow of one
+    recorded forward (:mod:`bnkit.tools._dataflow`). The BatchNorm keeps its name, state
+    and type and applies the activation itself; the activation module becomes Identity.
+    Kept only if the model computes what it did on the example (in both modes); None
+    where nothing could be fused."""
+    from bnkit.tools import _dataflow
+
+    reference, model = model, copy.deepcopy(model)  # fused on a copy: a refusal loses nothing
+    try:
+        with torch.no_grad():
+            flow = _dataflow.record(
+                copy.deepcopy(model),
+                example,
+                lambda m: type(m) in FUSABLE or _act_of(m) is not None,
+            )
+    except Exception:
+        return None
+    mods = dict(model.named_modules())
+    sites: list[str] = []
+    for path, m in mods.items():
+        if type(m) not in FUSABLE or flow.calls.get(path, 0) != 1 or _fx.hooks(m):
+            continue
+        y = flow.outputs.get(path)
+        users = [p for p, t in flow.inputs.items() if y is not None and t is y and p != path]
+        if len(users) != 1 or flow.uses.get(id(y), 0) != 1:
+            continue
+        act_path = users[0]
+        act_mod = mods[act_path]
+        act = _act_of(act_mod)
+        if act is None or flow.calls.get(act_path, 0) != 1 or _fx.hooks(act_mod):
+            continue
+        m.__dict__["_bnkit_act"] = _activations.code(act)
+        head, _, leaf = act_path.rpartition(".")
+        (model.get_submodule(head) if head else model)._modules[leaf] = nn.Identity()
+        sites.append(f"{path} + {act}")
+    if not sites:
+        return None
+    try:
+        with torch.no_grad():
+            _fx.check_same(reference, model, example, "fused")
+            other = (copy.deepcopy(reference).train(not model.training), copy.deepcopy(model))
+            _fx.check_same(other[0], other[1].train(not model.training), example, "fused")
+    except _fx.UnfaithfulTrace as exc:
+        raise ValueError(
+            f"fuse_activations: fusing {type(model).__name__} by its data flow changed its "
+            f"output ({exc}); use the model unfused"
+        ) from exc
+    model.bnkit_fused = sites  # type: ignore[assignment]
+    return model
+
+
+def fused_sites(gm: nn.Module) -> list[str]:
     """What :func:`fuse_activations` fused, one line per site: ``"layer1.0.bn2 + add +
     relu"``."""
     sites: list[str] = getattr(gm, "bnkit_fused", [])
@@ -93,7 +153,7 @@ def fused_sites(gm: fx.GraphModule) -> list[str]:
 
 def fuse_activations(
     model: nn.Module, example_inputs: Any, concrete_args: dict[str, Any] | None = None
-) -> fx.GraphModule:
+) -> nn.Module:
     """The model as a ``torch.fx.GraphModule`` whose BatchNorm -> [add ->] ReLU/ReLU6
     patterns run as one fused call each (see the module's docstring). torch's BatchNorms
     are first converted to bnkit's in place. ``example_inputs`` (a tensor or a tuple of
@@ -101,7 +161,14 @@ def fuse_activations(
     graph (on copies: no statistics move) to check that the trace is the model: torch.fx
     can trace a model it does not see whole (shape-dependent branches, say) into a graph
     that computes something else. ``concrete_args`` goes to ``torch.fx.symbolic_trace``.
-    :func:`fused_sites` lists what was fused."""
+    :func:`fused_sites` lists what was fused.
+
+    Where fx cannot trace the model whole, the model itself is returned with every
+    BatchNorm whose output goes only into a ReLU/ReLU6 *module* fused by the data flow of
+    one recorded forward (the BatchNorm keeps its name and state and applies the
+    activation, the activation module becomes ``Identity``), checked on the example in
+    both modes; an error where there is no such pair. (Then the returned model is a copy,
+    which does not share its parameters with ``model``.)"""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_activations: expected an nn.Module, got {type(model).__name__}")
     convert(model, to="bnkit")
@@ -109,11 +176,16 @@ def fuse_activations(
     try:
         gm = _fx.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...)
-        raise ValueError(
+        untraceable = ValueError(
             f"fuse_activations: torch.fx cannot trace {name} "
-            f"({type(exc).__name__}: {exc}); fusion needs a traceable forward "
+            f"({type(exc).__name__}: {exc}), and following its data flow found no "
+            "BatchNorm -> ReLU/ReLU6 module pair to fuse; fusion needs a traceable forward "
             "(no control flow on tensor values), or use the model unfused"
-        ) from exc
+        )
+        fused_model = _fuse_by_flow(model, _fx.as_tuple(example_inputs))
+        if fused_model is None:
+            raise untraceable from exc
+        return fused_model
     modules = dict(gm.named_modules())
     graph = gm.graph
     sites: list[str] = []
