@@ -6,6 +6,7 @@ fused), NCHW and channels_last, timed in turn in one process.
                                                    # 224 px), CIFAR ResNet-20 (batch 128, 32 px)
     python benchmarks/bench_e2e.py --quick         # 112 px, fewer repeats
     python benchmarks/bench_e2e.py --threads 1 --repeats 10
+    python benchmarks/bench_e2e.py --autocast bf16  # each step under CPU bfloat16 autocast
 
 The models are defined here (the torchvision architectures, without torchvision). Each row:
 median step time of each (forward, backward, SGD update), the ratios bnkit/torch and
@@ -123,13 +124,21 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
 }
 
 
-def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def _step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: str = "off"
+) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        if dtype is None:
+            loss = nn.functional.cross_entropy(model(x), y)
+        else:  # what a mixed-precision CPU training loop runs: convolutions in dtype, BN fed dtype
+            with torch.autocast("cpu", dtype=dtype):
+                loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return step
@@ -167,13 +176,21 @@ def main() -> None:
     ap = parser(__doc__, repeats=0)
     ap.add_argument("--quick", action="store_true", help="half the image size, fewer repeats")
     ap.add_argument("--only", default="", help=f"comma-separated model names: {', '.join(MODELS)}")
+    ap.add_argument(
+        "--autocast",
+        choices=["off", "bf16", "fp16"],
+        default="off",
+        help="run each step under torch.autocast('cpu', dtype) (BatchNorm then sees half input)",
+    )
     args = setup(ap)
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     if unknown := [n for n in only if n not in MODELS]:
         ap.error(f"--only: unknown model(s) {', '.join(map(repr, unknown))}; "
                  f"expected names from {', '.join(map(repr, MODELS))}")  # fmt: skip
     repeats = args.repeats or (5 if args.quick else 9)
-    print(f"{repeats} repeats, fast path: {bnkit.nn.fast_path_available()}")
+    print(
+        f"{repeats} repeats, fast path: {bnkit.nn.fast_path_available()}, autocast: {args.autocast}"
+    )
     print(
         f"{'model':<16} {'format':<14} {'torch ms':>9} {'bnkit ms':>9} {'fused ms':>9} "
         f"{'bnkit/torch':>11} {'fused/torch':>11} {'BN share':>9} {'act share':>9}"
@@ -198,9 +215,9 @@ def main() -> None:
                 fused = fused.to(memory_format=torch.channels_last)
                 xi = x.contiguous(memory_format=torch.channels_last)
             steps = {
-                "torch": _step(ref, xi, y),
-                "bnkit": _step(ours, xi, y),
-                "fused": _step(fused, xi, y),
+                "torch": _step(ref, xi, y, args.autocast),
+                "bnkit": _step(ours, xi, y, args.autocast),
+                "fused": _step(fused, xi, y, args.autocast),
             }
             bn_share, act_share = _shares(ref, steps["torch"])
             t = interleaved_times(steps, repeats=repeats, warmup=2)
