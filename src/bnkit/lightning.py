@@ -175,24 +175,31 @@ class FreezeBatchNorm(pl.Callback):
         self.stats = stats
         self.affine = affine
         self.frozen: list[str] = []
+        self._params: list[Any] = []
 
     def _apply(self, pl_module: pl.LightningModule) -> None:
         self.frozen = freeze(pl_module, stats=self.stats, affine=False, layers=self.layers)
+        chosen = set(self.frozen)
+        self._params = [
+            p
+            for name, m in pl_module.named_modules()
+            if name in chosen
+            for p in m.parameters(recurse=False)
+        ]
+        self._refreeze()
+
+    def _refreeze(self) -> None:
         if self.affine:
-            chosen = set(self.frozen)
-            for name, m in pl_module.named_modules():
-                if name in chosen:
-                    for p in m.parameters(recurse=False):
-                        p.requires_grad_(False)
+            for p in self._params:
+                p.requires_grad_(False)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply(pl_module)
+        self._refreeze()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *a: Any
     ) -> None:
-        if self.affine:
-            self._apply(pl_module)
+        self._refreeze()  # (a BaseFinetuning unfreeze may have made them trainable again)

@@ -52,16 +52,21 @@ class Flow:
         self.uses[id(t)] = self.uses.get(id(t), 0) + 1
         self.keep.append(t)
 
+    def views(self, t: Tensor) -> list[Tensor]:
+        """``t`` and the tensors before it made by shape ops alone, last made first (up to
+        the one a shape op did not make, excluded)."""
+        out: list[Tensor] = []
+        while id(t) in self.shape_op and len(out) < 64:
+            out.append(t)
+            t = self.shape_op[id(t)][1]
+        return out
+
     def chain(self, t: Tensor) -> tuple[Tensor, list[tuple[Any, tuple[Any, ...], dict[str, Any]]]]:
         """The tensor ``t`` was made from by shape ops alone, and those ops in order."""
-        ops: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-        seen = 0
-        while id(t) in self.shape_op and seen < 64:
-            op, src, rest, kw = self.shape_op[id(t)]
-            ops.insert(0, (op, rest, kw))
-            t = src
-            seen += 1
-        return t, ops
+        made = self.views(t)
+        ops = [self.shape_op[id(v)] for v in reversed(made)]
+        base = self.shape_op[id(made[-1])][1] if made else t
+        return base, [(op, rest, kw) for op, _src, rest, kw in ops]
 
 
 def _tensors(obj: Any) -> list[Tensor]:

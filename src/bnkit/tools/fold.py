@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from bnkit.nn import functional as F
 from bnkit.nn import is_batchnorm
-from bnkit.tools import _fx
+from bnkit.tools import _dataflow, _fx
 from bnkit.tools._seeded import seeded
 
 __all__ = ["FoldReport", "FoldedLayer", "bn_affine", "fold", "fold_pair"]
@@ -456,8 +456,6 @@ def _fold_by_flow(
     """Fold the BatchNorms left unfolded by following the data flow of one forward
     (:mod:`bnkit.tools._dataflow`); each fold is kept only if the model's output on the
     example is reproduced."""
-    from bnkit.tools import _dataflow
-
     todo = [e for e in report.layers if not e.folded]
     if not todo:
         return
@@ -503,35 +501,20 @@ def _try_after(
     if flow.calls.get(layer_path, 0) != 1:
         return f"{layer_path} runs more than once"
     chain_ok = flow.uses.get(id(base), 0) == 1 and all(
-        flow.uses.get(id(t), 0) == 1 for t in _chain_tensors(flow, flow.inputs[entry.name])
+        flow.uses.get(id(t), 0) == 1 for t in flow.views(flow.inputs[entry.name])
     )
     if not chain_ok:
         return f"the output of {layer_path} is used elsewhere too"
     if (why := _hook_reason(layer, bn)) is not None:
         return why
     axis = base.dim() - 1 if isinstance(layer, nn.Linear) else 1
-    order = _dataflow_map(base, axis, ops, bn.num_features)
+    order = _dataflow.channel_map(base, axis, ops, bn.num_features)
     if order is None:
         return (
             f"the shape ops between {layer_path} and it do not keep each of its channels on "
             f"one output channel of {layer_path}"
         )
     return _commit(model, entry, bn, layer, layer_path, _permuted(bn, order), "after", example, ref)
-
-
-def _dataflow_map(base: Tensor, axis: int, ops: list[Any], channels: int) -> list[int] | None:
-    from bnkit.tools._dataflow import channel_map
-
-    return channel_map(base, axis, ops, channels)
-
-
-def _chain_tensors(flow: Any, x: Tensor) -> list[Tensor]:
-    out = []
-    t = x
-    while id(t) in flow.shape_op:
-        out.append(t)
-        t = flow.shape_op[id(t)][1]
-    return out
 
 
 def _try_before(

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from bnkit.nn import _activations
 from bnkit.nn.fused import FUSABLE, batch_norm_act
-from bnkit.tools import _fx
+from bnkit.tools import _dataflow, _fx
 from bnkit.tools.convert import convert
 
 __all__ = ["fuse_activations", "fused_sites"]
@@ -98,8 +98,6 @@ def _fuse_by_flow(model: nn.Module, example: tuple[Any, ...]) -> nn.Module | Non
     and type and applies the activation itself; the activation module becomes Identity.
     Kept only if the model computes what it did on the example (in both modes); None
     where nothing could be fused."""
-    from bnkit.tools import _dataflow
-
     reference, model = model, copy.deepcopy(model)  # fused on a copy: a refusal loses nothing
     try:
         with torch.no_grad():

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from bnkit.nn import is_batchnorm
 from bnkit.nn.functional import batch_stats
+from bnkit.tools.freeze import is_stats_frozen
 
 __all__ = ["BatchNormWarning", "History", "Record", "Watch", "watch"]
 
@@ -324,7 +325,12 @@ class Watch:
             getattr(m, "track_running_stats", False)
             and getattr(m, "running_mean", None) is not None
         )
-        if params and tracks and not _stats_frozen(m) and not any(p.requires_grad for p in params):
+        if (
+            params
+            and tracks
+            and not is_stats_frozen(m)
+            and not any(p.requires_grad for p in params)
+        ):
             self._warn(
                 name,
                 "frozen parameters, moving statistics",
@@ -437,12 +443,6 @@ def _running(m: nn.Module) -> tuple[Tensor | None, Tensor | None]:
         rm.detach() if isinstance(rm, Tensor) else None,
         rv.detach() if isinstance(rv, Tensor) else None,
     )
-
-
-def _stats_frozen(m: nn.Module) -> bool:
-    from bnkit.tools.freeze import is_stats_frozen
-
-    return is_stats_frozen(m)
 
 
 def watch(
