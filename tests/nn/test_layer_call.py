@@ -83,7 +83,7 @@ CLASSES = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: 
 @pytest.mark.filterwarnings("ignore:.*momentum=1.0")
 @given(
     dim=st.sampled_from([2, 3, 4, 5]),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
     channels_last=st.booleans(),
     affine=st.booleans(),
     bias=st.booleans(),
@@ -110,8 +110,10 @@ def test_common_calls_match_the_python_path_bit_for_bit(
     _need_cpp()
     act = _activations.code("relu6" if "relu6" in fused else "relu" if "relu" in fused else None)
     shape = (4, C, 3, 4, 2)[:dim]
+    # 16-bit input with float32 parameters and buffers, as autocast feeds a BatchNorm
+    pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     m = CLASSES[dim](
-        C, momentum=momentum, affine=affine, bias=bias, track_running_stats=track, dtype=dtype
+        C, momentum=momentum, affine=affine, bias=bias, track_running_stats=track, dtype=pdtype
     )
     with torch.no_grad():
         for t in m.parameters():
@@ -239,7 +241,8 @@ OFF: dict[str, Callable[[], tuple[nn.Module, Any, Any]]] = {
     "ranks not ints": lambda: (_set(bnkit.BatchNorm2d(C), _ranks=(2**70, "4", 4.0)), _x(), None),
     "one value per channel": lambda: (bnkit.BatchNorm2d(C), _x((1, C, 1, 1)), None),
     "empty": lambda: (bnkit.BatchNorm2d(C), _x((0, C, 3, 3)), None),
-    "half input": lambda: (bnkit.BatchNorm2d(C), _x(dtype=torch.float16), None),
+    "integer input": lambda: (bnkit.BatchNorm2d(C), _x().to(torch.int32), None),
+    "bfloat16 buffers": lambda: (bnkit.BatchNorm2d(C).bfloat16(), _x(dtype=torch.bfloat16), None),
     "float64 buffer": lambda: (
         _buffer(bnkit.BatchNorm2d(C), "running_var", torch.ones(C, dtype=torch.float64)),
         _x(),
@@ -288,6 +291,7 @@ TRAINING_ONLY = {
     "no counter",
     "counter deleted",
     "inference buffers in training",
+    "bfloat16 buffers",  # written in training only: the kernels update float32 buffers
 }
 
 
@@ -364,7 +368,7 @@ def test_residuals_it_cannot_fuse_are_declined(cpp: None, residual: Any) -> None
 # router without a case here fails test_every_router_rule_has_a_case.
 RULE_CASES = {
     "cpu": "input on meta",
-    "float32 or float64": "half input",
+    "float32, float64, bfloat16 or float16": "integer input",
     "not empty": "empty",
     "plain data": "fake tensor input",
     "nothing captured": "dispatch mode",
@@ -410,7 +414,7 @@ def test_the_one_call_declines_each_buffer_rule(cpp: None, rule: str) -> None:
 _EPS = [1e-5, 0.0, -1.0, float("inf"), float("nan"), 1e300, np.float64(1e-3), 1, True]
 _MOMENTUM = [0.1, None, 0.0, 1.0, 1.5, -0.1, float("nan"), float("inf"), 0, True]
 _SHAPES = [(4, C, 3, 3), (1, C, 1, 1), (4, C + 1, 3, 3), (4, C, 3), (0, C, 3, 3), (2, C, 1, 1)]
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64]
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64]
 
 
 def _agreement_cases() -> list[tuple[Any, ...]]:

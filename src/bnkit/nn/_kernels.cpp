@@ -31,6 +31,7 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 // x86 intrinsics (non-temporal stores) only where the compiler targets x86 and the build
@@ -137,6 +138,68 @@ inline int64_t stream_copy(double* dst, const double* src, int64_t n, bool all) 
   if (all)
     for (; i < n; ++i) dst[i] = src[i];
   return i;
+}
+
+// ---------------------------------------------------------------- storage and compute
+// The kernels read and write the input's own dtype (the storage type S) and compute in T:
+// T = S for float32 and float64; T = float for bfloat16 and float16, as torch computes
+// them. ld converts a stored value to T, st<S> rounds a T to S (to nearest even, as
+// torch's .to() does); both are plain expressions that vectorise in the kernels' loops
+// (a shift and a select for bfloat16; vcvtph2ps/vcvtps2ph for float16 where the build has
+// F16C, a library call elsewhere). So a half-precision tensor is read and written once at
+// two bytes a value, never staged through float32 copies.
+struct BF16 {
+  uint16_t bits;
+};
+#if defined(__FLT16_MAX__)
+using F16 = _Float16;  // the compiler's IEEE binary16 (x86-64 GCC >= 12, Clang, AArch64)
+#else
+using F16 = c10::Half;  // elsewhere: c10's conversion (scalar, correct)
+#endif
+static_assert(sizeof(BF16) == 2 && sizeof(F16) == 2, "bnkit: 16-bit storage types");
+
+inline uint16_t bf16_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // NaN -> 0x7fc0, as c10::BFloat16
+  return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);  // a select: the loop vectorises
+}
+
+inline float float_from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline float ld(float v) { return v; }
+inline double ld(double v) { return v; }
+inline float ld(BF16 v) { return float_from_bf16(v.bits); }
+#if defined(__FLT16_MAX__)
+inline float ld(F16 v) { return static_cast<float>(v); }
+#else
+inline float ld(const F16& v) { return static_cast<float>(v); }
+#endif
+
+template <typename S, typename T>
+inline S st(T v) {
+  if constexpr (std::is_same_v<S, BF16>) return BF16{bf16_from_float(v)};
+  else return static_cast<S>(v);
+}
+
+// The compute type of a storage type.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// The streaming copy of 16-bit values: ordinary stores (the kernels stream only float32
+// and float64 outputs, see Op::streams; the Writer needs this to compile for every S).
+template <typename S>
+inline int64_t stream_copy(S* dst, const S* src, int64_t n, bool all) {
+  (void)all;
+  std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src),
+              static_cast<size_t>(n) * sizeof(S));
+  return n;
 }
 
 // Writes a contiguous output region front to back. put(n) hands out room for the next n
@@ -310,16 +373,17 @@ std::vector<int64_t> sample_offsets(const Layout& lo) {
   return off;
 }
 
-// Per-channel shift: the mean of the sampled values, rounded to T so that x - s is exact.
+// Per-channel shift: the mean of the sampled values, rounded to the compute type T so that
+// x - s is small and exact (or nearly: for 16-bit storage, far below its own rounding).
 // Only finite samples count (0 when there is none): an inf or NaN then reaches the sums
 // as itself, and the statistics come out as torch's (mean inf/-inf/NaN, variance NaN).
-template <typename T>
-double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& off, int64_t c) {
+template <typename S, typename T = compute_t<S>>
+double channel_shift(const S* x, const Layout& lo, const std::vector<int64_t>& off, int64_t c) {
   const int64_t base = lo.fastest ? c : c * std::max<int64_t>(lo.L, 1);
   double acc = 0;
   int64_t k = 0;
   for (const int64_t o : off) {
-    const double v = static_cast<double>(x[o + base]);
+    const double v = static_cast<double>(ld(x[o + base]));
     if (std::isfinite(v)) {
       acc += v;
       ++k;
@@ -330,8 +394,8 @@ double channel_shift(const T* x, const Layout& lo, const std::vector<int64_t>& o
 
 // Per-channel shifts of the input: NCHW channel by channel; channels-fastest (R, C) with
 // the samples as whole rows, summed vectorised over the channels.
-template <typename T>
-void shifts(const T* x, const Layout& lo, double* s) {
+template <typename S, typename T = compute_t<S>>
+void shifts(const S* x, const Layout& lo, double* s) {
   if (!lo.fastest) {
     const std::vector<int64_t> off = sample_offsets(lo);
     for (int64_t c = 0; c < lo.C; ++c) s[c] = channel_shift(x, lo, off, c);
@@ -342,10 +406,10 @@ void shifts(const T* x, const Layout& lo, double* s) {
   double* a = acc.data();
   double* k = cnt.data();
   for (const int64_t o : off) {  // finite samples only, as in channel_shift
-    const T* xp = x + o;
+    const S* xp = x + o;
 #pragma omp simd
     for (int64_t c = 0; c < lo.C; ++c) {
-      const double v = static_cast<double>(xp[c]);
+      const double v = static_cast<double>(ld(xp[c]));
       const bool ok = std::isfinite(v);
       a[c] += ok ? v : 0.0;
       k[c] += ok ? 1.0 : 0.0;
@@ -409,8 +473,11 @@ struct Ptrs {
   T* out2 = nullptr;
 };
 
-template <typename T, int M, int A, bool RES>
+// T the compute type, S the storage type of the tensors (see ld/st).
+template <typename T, typename S, int M, int A, bool RES>
 struct Op {
+  using Compute = T;
+  using Store = S;
   static constexpr bool kGated = M == kBwd && A != kNoAct;
   static constexpr bool kSecond = kGated && RES;  // writes the residual's gradient
   static constexpr bool kReadsGo = M == kBwd;
@@ -452,8 +519,10 @@ struct Op {
       return (x - k.s) * k.kx + g * k.ko + k.k0;
     }
   }
+  // non-temporal stores for large float32/float64 outputs (16-bit ones: ordinary stores)
   static bool streams(int64_t numel) {
-    return numel * static_cast<int64_t>(sizeof(T)) * (inputs + outputs) > stream_bytes();
+    if constexpr (sizeof(S) < 4) return false;
+    return numel * static_cast<int64_t>(sizeof(S)) * (inputs + outputs) > stream_bytes();
   }
 };
 
@@ -532,9 +601,9 @@ KArrays<T> tiled(const KArrays<T>& ka, int64_t f) {
   return t;
 }
 
-template <typename T>
-Ptrs<T> rows_from(const Ptrs<T>& p, int64_t offset) {
-  Ptrs<T> q = p;
+template <typename S>
+Ptrs<S> rows_from(const Ptrs<S>& p, int64_t offset) {
+  Ptrs<S> q = p;
   q.x += offset;
   if (q.go) q.go += offset;
   if (q.r) q.r += offset;
@@ -559,7 +628,7 @@ void merge_partials(const std::vector<double>& part, int nt, int64_t C, double* 
 
 // Per-channel (sum u, sum v) of the Op over a channels-fastest (R, C) input.
 template <typename T, typename O>
-void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
+void row_sums_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
                    double* sum2) {
   const int64_t C = lo.C;
   // Rows split across threads, each streaming its rows once with per-channel
@@ -573,6 +642,7 @@ void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, dou
   // cycles a vector); four rows per sweep so that the read-modify-write of the
   // accumulators is paid once per four rows.
   const int64_t Cp = (C + 15) / 16 * 16;
+  using St = typename O::Store;  // (S below is the stream spacing)
   const T *ps = ka.s(), *pfs = ka.fs(), *pfa = ka.fa(), *pfk = ka.fk();
   parallel(nt, lo.R * C, [&](int64_t t0, int64_t t1) {
     std::vector<T> store(2 * Cp + 64 / sizeof(T));
@@ -596,37 +666,37 @@ void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, dou
       // bandwidth with C = 64..512 (8-10 against 19-20 GB/s on 2 threads: the hardware
       // prefetcher does not follow four interleaved positions within a page); streams at
       // least 16 KiB apart are each followed as a sequential stream.
-      const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T)) * O::inputs;
+      const int64_t row_bytes = C * static_cast<int64_t>(sizeof(St)) * O::inputs;
       const int64_t S = std::max<int64_t>(kChunk / 4, (16 * 1024 + row_bytes - 1) / row_bytes);
       for (int64_t rb = r0; rb < r1; rb += 4 * S) {
         const int64_t m = std::min(r1 - rb, 4 * S), q = m / 4;  // b1, b2 are zero here
         for (int64_t k = 0; k < q; ++k) {
           if (k > 0 && k % (kChunk / 4) == 0) flush(p1, p2, b1, b2);
           const int64_t i0 = (rb + k) * C, d = q * C;  // value (row, channel 0) of stream 0
-          const T* x = p.x + i0;
-          const T* go = O::kReadsGo ? p.go + i0 : x;
-          const T* r = O::kReadsR ? p.r + i0 : x;
+          const St* x = p.x + i0;
+          const St* go = O::kReadsGo ? p.go + i0 : x;
+          const St* r = O::kReadsR ? p.r + i0 : x;
 #pragma omp simd aligned(b1, b2 : 64)
           for (int64_t c = 0; c < C; ++c) {
             const K<T> kc{ps[c], T(0), T(0), T(0), pfs[c], pfa[c], pfk[c]};
             T u0, v0, u1, v1, u2, v2, u3, v3;
-            O::sum(x[c], go[c], r[c], kc, u0, v0);
-            O::sum(x[c + d], go[c + d], r[c + d], kc, u1, v1);
-            O::sum(x[c + 2 * d], go[c + 2 * d], r[c + 2 * d], kc, u2, v2);
-            O::sum(x[c + 3 * d], go[c + 3 * d], r[c + 3 * d], kc, u3, v3);
+            O::sum(ld(x[c]), ld(go[c]), ld(r[c]), kc, u0, v0);
+            O::sum(ld(x[c + d]), ld(go[c + d]), ld(r[c + d]), kc, u1, v1);
+            O::sum(ld(x[c + 2 * d]), ld(go[c + 2 * d]), ld(r[c + 2 * d]), kc, u2, v2);
+            O::sum(ld(x[c + 3 * d]), ld(go[c + 3 * d]), ld(r[c + 3 * d]), kc, u3, v3);
             b1[c] += (u0 + u1) + (u2 + u3);
             b2[c] += (v0 + v1) + (v2 + v3);
           }
         }
         for (int64_t row = rb + 4 * q; row < rb + m; ++row) {  // at most three rows left over
-          const T* x = p.x + row * C;
-          const T* go = O::kReadsGo ? p.go + row * C : x;
-          const T* r = O::kReadsR ? p.r + row * C : x;
+          const St* x = p.x + row * C;
+          const St* go = O::kReadsGo ? p.go + row * C : x;
+          const St* r = O::kReadsR ? p.r + row * C : x;
 #pragma omp simd aligned(b1, b2 : 64)
           for (int64_t c = 0; c < C; ++c) {
             const K<T> kc{ps[c], T(0), T(0), T(0), pfs[c], pfa[c], pfk[c]};
             T u, v;
-            O::sum(x[c], go[c], r[c], kc, u, v);
+            O::sum(ld(x[c]), ld(go[c]), ld(r[c]), kc, u, v);
             b1[c] += u;
             b2[c] += v;
           }
@@ -639,7 +709,7 @@ void row_sums_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, dou
 }
 
 template <typename T, typename O>
-__attribute__((noinline)) void row_sums_tiled(const Ptrs<T>& p, const Layout& lo,
+__attribute__((noinline)) void row_sums_tiled(const Ptrs<typename O::Store>& p, const Layout& lo,
                                               const KArrays<T>& ka, double* sum1, double* sum2,
                                               int64_t f) {
   const int64_t C = lo.C;
@@ -661,11 +731,11 @@ __attribute__((noinline)) void row_sums_tiled(const Ptrs<T>& p, const Layout& lo
 }
 
 template <typename T, typename O>
-void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
+void nchw_sums(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
                double* sum2);
 
 template <typename T, typename O>
-void row_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
+void row_sums(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
               double* sum2) {
   if (!lo.fastest) {
     nchw_sums<T, O>(p, lo, ka, sum1, sum2);
@@ -680,52 +750,53 @@ void row_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* 
 
 // The output loops: n values of the Op at y (and y2), with one channel's scalars for the
 // whole run (NCHW) ...
-template <typename T, typename O>
-inline void out_span(T* y, T* y2, const Ptrs<T>& p, int64_t off, int64_t n, const K<T>& k) {
-  const T* x = p.x + off;
-  const T* go = O::kReadsGo ? p.go + off : x;
-  const T* r = O::kReadsR ? p.r + off : x;
+template <typename T, typename O, typename S = typename O::Store>
+inline void out_span(S* y, S* y2, const Ptrs<S>& p, int64_t off, int64_t n, const K<T>& k) {
+  const S* x = p.x + off;
+  const S* go = O::kReadsGo ? p.go + off : x;
+  const S* r = O::kReadsR ? p.r + off : x;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     T second = T(0);
-    y[i] = O::out(x[i], go[i], r[i], k, second);
-    if constexpr (O::kSecond) y2[i] = second;
+    y[i] = st<S>(O::out(ld(x[i]), ld(go[i]), ld(r[i]), k, second));
+    if constexpr (O::kSecond) y2[i] = st<S>(second);
   }
 }
 
 // ... appended to Writers (pieces of at most kRun values when streaming) ...
-template <typename T, typename O>
-void out_run(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t n,
+template <typename T, typename O, typename S = typename O::Store>
+void out_run(Writer<S>& w, Writer<S>* w2, const Ptrs<S>& p, int64_t off, int64_t n,
              const K<T>& k) {
-  const int64_t step = w.streams() ? Writer<T>::kRun : std::max<int64_t>(n, 1);
+  const int64_t step = w.streams() ? Writer<S>::kRun : std::max<int64_t>(n, 1);
   for (int64_t i0 = 0; i0 < n; i0 += step) {
     const int64_t m = std::min(step, n - i0);
-    T* yp = w.put(m);
+    S* yp = w.put(m);
     out_span<T, O>(yp, O::kSecond ? w2->put(m) : nullptr, p, off + i0, m, k);
   }
 }
 
 // ... or with per-value scalars, value c being channel c (a channels-fastest row).
-template <typename T, typename O>
-void out_row(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t C,
+template <typename T, typename O, typename S = typename O::Store>
+void out_row(Writer<S>& w, Writer<S>* w2, const Ptrs<S>& p, int64_t off, int64_t C,
              const KArrays<T>& ka) {
   const T *s = ka.s(), *kx = ka.kx(), *ko = ka.ko(), *k0 = ka.k0();
   const T *fs = ka.fs(), *fa = ka.fa(), *fk = ka.fk();
-  const int64_t step = w.streams() ? Writer<T>::kRun : std::max<int64_t>(C, 1);
+  const int64_t step = w.streams() ? Writer<S>::kRun : std::max<int64_t>(C, 1);
   for (int64_t c0 = 0; c0 < C; c0 += step) {
     const int64_t m = std::min(step, C - c0);
-    T* yp = w.put(m);
-    T* y2 = O::kSecond ? w2->put(m) : nullptr;
-    const T* x = p.x + off + c0;
-    const T* go = O::kReadsGo ? p.go + off + c0 : nullptr;
-    const T* r = O::kReadsR ? p.r + off + c0 : nullptr;
+    S* yp = w.put(m);
+    S* y2 = O::kSecond ? w2->put(m) : nullptr;
+    const S* x = p.x + off + c0;
+    const S* go = O::kReadsGo ? p.go + off + c0 : nullptr;
+    const S* r = O::kReadsR ? p.r + off + c0 : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
       const int64_t c = c0 + i;
       const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
       T second = T(0);
-      yp[i] = O::out(x[i], O::kReadsGo ? go[i] : T(0), O::kReadsR ? r[i] : T(0), k, second);
-      if constexpr (O::kSecond) y2[i] = second;
+      yp[i] = st<S>(O::out(ld(x[i]), O::kReadsGo ? ld(go[i]) : T(0),
+                           O::kReadsR ? ld(r[i]) : T(0), k, second));
+      if constexpr (O::kSecond) y2[i] = st<S>(second);
     }
   }
 }
@@ -736,53 +807,55 @@ void out_row(Writer<T>& w, Writer<T>* w2, const Ptrs<T>& p, int64_t off, int64_t
 // the pass (docs/performance.md, "Kernel choices"); large (streamed) tensors do not
 // take this path.
 template <typename T, typename O>
-inline void out_rows4(const Ptrs<T>& p, int64_t off, int64_t C, const KArrays<T>& ka) {
+inline void out_rows4(const Ptrs<typename O::Store>& p, int64_t off, int64_t C, const KArrays<T>& ka) {
   const T *s = ka.s(), *kx = ka.kx(), *ko = ka.ko(), *k0 = ka.k0();
   const T *fs = ka.fs(), *fa = ka.fa(), *fk = ka.fk();
-  const T* x = p.x + off;
-  const T* go = O::kReadsGo ? p.go + off : x;
-  const T* r = O::kReadsR ? p.r + off : x;
-  T* y = p.out + off;
-  T* y2 = O::kSecond ? p.out2 + off : y;
+  using S = typename O::Store;
+  const S* x = p.x + off;
+  const S* go = O::kReadsGo ? p.go + off : x;
+  const S* r = O::kReadsR ? p.r + off : x;
+  S* y = p.out + off;
+  S* y2 = O::kSecond ? p.out2 + off : y;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
     // the four rows computed before any is stored: a store to y may not be moved past a
     // load of x that it could alias, so this keeps the compiler free to order them
     T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-    const T v0 = O::out(x[c], go[c], r[c], k, s0);
-    const T v1 = O::out(x[C + c], go[C + c], r[C + c], k, s1);
-    const T v2 = O::out(x[2 * C + c], go[2 * C + c], r[2 * C + c], k, s2);
-    const T v3 = O::out(x[3 * C + c], go[3 * C + c], r[3 * C + c], k, s3);
-    y[c] = v0;
-    y[C + c] = v1;
-    y[2 * C + c] = v2;
-    y[3 * C + c] = v3;
+    const T v0 = O::out(ld(x[c]), ld(go[c]), ld(r[c]), k, s0);
+    const T v1 = O::out(ld(x[C + c]), ld(go[C + c]), ld(r[C + c]), k, s1);
+    const T v2 = O::out(ld(x[2 * C + c]), ld(go[2 * C + c]), ld(r[2 * C + c]), k, s2);
+    const T v3 = O::out(ld(x[3 * C + c]), ld(go[3 * C + c]), ld(r[3 * C + c]), k, s3);
+    y[c] = st<S>(v0);
+    y[C + c] = st<S>(v1);
+    y[2 * C + c] = st<S>(v2);
+    y[3 * C + c] = st<S>(v3);
     if constexpr (O::kSecond) {
-      y2[c] = s0;
-      y2[C + c] = s1;
-      y2[2 * C + c] = s2;
-      y2[3 * C + c] = s3;
+      y2[c] = st<S>(s0);
+      y2[C + c] = st<S>(s1);
+      y2[2 * C + c] = st<S>(s2);
+      y2[3 * C + c] = st<S>(s3);
     }
   }
 }
 
 // The Op's output over the whole tensor with given per-channel scalars.
 template <typename T, typename O>
-void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse);
+void map_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, bool reverse);
 template <typename T, typename O>
-void map_rows_tiled(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse,
+void map_rows_tiled(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, bool reverse,
                     int64_t f);
 
 template <typename T, typename O>
-void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse) {
+void channel_map(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, bool reverse) {
   const int64_t C = lo.C;
   const bool stream = O::streams(lo.R * C);
   if (!lo.fastest) {
     // runs (n, c) in order, split as in nchw_sums; blocks of runs (kBackBlock) last to
     // first after a statistics pass (reverse), each written front to back
+    using S = typename O::Store;
     const int64_t L = lo.L, runs = lo.N * C;
-    blocked_ranges(runs, run_threads(runs), L * static_cast<int64_t>(sizeof(T)), runs * L,
+    blocked_ranges(runs, run_threads(runs), L * static_cast<int64_t>(sizeof(S)), runs * L,
                    reverse, [&](int64_t rb, int64_t re) {
       int64_t c = rb % C;
       if (!stream) {  // plain stores: straight loops, no Writer bookkeeping per short run
@@ -793,8 +866,8 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
         }
         return;
       }
-      Writer<T> w(p.out + rb * L, stream);
-      Writer<T> w2(O::kSecond ? p.out2 + rb * L : nullptr, stream);
+      Writer<S> w(p.out + rb * L, stream);
+      Writer<S> w2(O::kSecond ? p.out2 + rb * L : nullptr, stream);
       for (int64_t i = rb; i < re; ++i) {
         out_run<T, O>(w, &w2, p, i * L, L, ka.at(c));
         if (++c == C) c = 0;
@@ -812,7 +885,7 @@ void channel_map(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool 
 }
 
 template <typename T, typename O>
-__attribute__((noinline)) void map_rows_tiled(const Ptrs<T>& p, const Layout& lo,
+__attribute__((noinline)) void map_rows_tiled(const Ptrs<typename O::Store>& p, const Layout& lo,
                                               const KArrays<T>& ka, bool reverse, int64_t f) {
   const int64_t C = lo.C, Rt = lo.R / f, done = Rt * f;
   map_rows<T, O>(p, rows_layout(Rt, f * C), tiled(ka, f), reverse);
@@ -822,23 +895,24 @@ __attribute__((noinline)) void map_rows_tiled(const Ptrs<T>& p, const Layout& lo
 
 // The Op's output over a channels-fastest (R, C) tensor.
 template <typename T, typename O>
-void map_rows(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, bool reverse) {
+void map_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, bool reverse) {
   const int64_t C = lo.C;
   const bool stream = O::streams(lo.R * C);
   // four rows at a time where the output stays in cache, unless rows are a multiple of
   // 4 KiB: then the four rows of x and y fall in the same L1 sets and evict each other
   // (C = 1024: 1.2-1.5x the time)
-  const bool rows4 = !stream && (C * static_cast<int64_t>(sizeof(T))) % 4096 != 0;
+  using S = typename O::Store;
+  const bool rows4 = !stream && (C * static_cast<int64_t>(sizeof(S))) % 4096 != 0;
   // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
   // rows (kBackBlock) are taken last to first, so that the rows a thread read last are
   // still in cache; each block is written front to back.
-  blocked_ranges(lo.R, row_threads(lo.R), C * static_cast<int64_t>(sizeof(T)), lo.R * C,
+  blocked_ranges(lo.R, row_threads(lo.R), C * static_cast<int64_t>(sizeof(S)), lo.R * C,
                  reverse, [&](int64_t rb, int64_t re) {
     int64_t r = rb;
     if (rows4)
       for (; r + 4 <= re; r += 4) out_rows4<T, O>(p, r * C, C, ka);
-    Writer<T> w(p.out + r * C, stream);
-    Writer<T> w2(O::kSecond ? p.out2 + r * C : nullptr, stream);
+    Writer<S> w(p.out + r * C, stream);
+    Writer<S> w2(O::kSecond ? p.out2 + r * C : nullptr, stream);
     for (; r < re; ++r) out_row<T, O>(w, &w2, p, r * C, C, ka);
     w.finish();
     if (O::kSecond) w2.finish();
@@ -888,8 +962,8 @@ struct LaneSums {
   }
 
   // The Op's sums over n contiguous values (scalars k) added to lanes a1, a2.
-  template <typename O>
-  static inline void sweep(T* a1_, T* a2_, const T* xp, const T* gp, const T* rp, int64_t n,
+  template <typename O, typename S = typename O::Store>
+  static inline void sweep(T* a1_, T* a2_, const S* xp, const S* gp, const S* rp, int64_t n,
                            const K<T>& k) {
     T* a1 = static_cast<T*>(__builtin_assume_aligned(a1_, 64));
     T* a2 = static_cast<T*>(__builtin_assume_aligned(a2_, 64));
@@ -899,8 +973,8 @@ struct LaneSums {
 #pragma omp simd
       for (int64_t j = 0; j < kLanes; ++j) {
         T u, v;
-        O::sum(xp[l + j], O::kReadsGo ? gp[l + j] : T(0), O::kReadsR ? rp[l + j] : T(0), k, u,
-               v);
+        O::sum(ld(xp[l + j]), O::kReadsGo ? ld(gp[l + j]) : T(0),
+               O::kReadsR ? ld(rp[l + j]) : T(0), k, u, v);
         a1[j] += u;
         a2[j] += v;
       }
@@ -908,7 +982,8 @@ struct LaneSums {
 #pragma omp simd
     for (int64_t j = 0; j < n - full; ++j) {
       T u, v;
-      O::sum(xp[l + j], O::kReadsGo ? gp[l + j] : T(0), O::kReadsR ? rp[l + j] : T(0), k, u, v);
+      O::sum(ld(xp[l + j]), O::kReadsGo ? ld(gp[l + j]) : T(0),
+             O::kReadsR ? ld(rp[l + j]) : T(0), k, u, v);
       a1[j] += u;
       a2[j] += v;
     }
@@ -916,8 +991,8 @@ struct LaneSums {
 
   // The Op's sums over 2 * kLaneChunk lane steps added to lanes a1, a2 as kLaneChunk
   // sums of two values each (the error of kLaneChunk terms, at half the widening).
-  template <typename O>
-  static inline void pairs(T* a1_, T* a2_, const T* xp, const T* gp, const T* rp,
+  template <typename O, typename S = typename O::Store>
+  static inline void pairs(T* a1_, T* a2_, const S* xp, const S* gp, const S* rp,
                            const K<T>& k) {
     T* a1 = static_cast<T*>(__builtin_assume_aligned(a1_, 64));
     T* a2 = static_cast<T*>(__builtin_assume_aligned(a2_, 64));
@@ -926,8 +1001,10 @@ struct LaneSums {
       for (int64_t j = 0; j < kLanes; ++j) {
         T u, v, u2, v2;
         const int64_t i = l + j, i2 = l + kLanes + j;
-        O::sum(xp[i], O::kReadsGo ? gp[i] : T(0), O::kReadsR ? rp[i] : T(0), k, u, v);
-        O::sum(xp[i2], O::kReadsGo ? gp[i2] : T(0), O::kReadsR ? rp[i2] : T(0), k, u2, v2);
+        O::sum(ld(xp[i]), O::kReadsGo ? ld(gp[i]) : T(0), O::kReadsR ? ld(rp[i]) : T(0), k, u,
+               v);
+        O::sum(ld(xp[i2]), O::kReadsGo ? ld(gp[i2]) : T(0), O::kReadsR ? ld(rp[i2]) : T(0), k,
+               u2, v2);
         a1[j] += u + u2;
         a2[j] += v + v2;
       }
@@ -940,8 +1017,8 @@ struct LaneSums {
   // the input, and stores and reloads them every step (a store-to-load chain as slow as
   // a single accumulator). What is left (a short run: 14x14 and less, or a run's tail)
   // goes to the member lanes, which carry a chunk over from run to run.
-  template <typename O>
-  inline void add(const T* xp, const T* gp, const T* rp, int64_t n, const K<T>& k) {
+  template <typename O, typename S = typename O::Store>
+  inline void add(const S* xp, const S* gp, const S* rp, int64_t n, const K<T>& k) {
     constexpr int64_t kStep = kLaneChunk * kLanes;
     int64_t l = 0;
     if (n >= kStep) {
@@ -978,7 +1055,7 @@ struct LaneSums {
 // sequential stream per thread (runs (n, c) in order; each thread keeps every channel's
 // lanes), merged in thread order at the end.
 template <typename T, typename O>
-void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
+void nchw_sums(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<T>& ka, double* sum1,
                double* sum2) {
   const int64_t C = lo.C, L = lo.L, runs = lo.N * lo.C;
   const int nt = run_threads(runs);
@@ -992,8 +1069,8 @@ void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double*
       int64_t c = i0 % C;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t base = i * L;
-        const T* go = O::kReadsGo ? p.go + base : nullptr;
-        const T* r = O::kReadsR ? p.r + base : nullptr;
+        const auto* go = O::kReadsGo ? p.go + base : nullptr;
+        const auto* r = O::kReadsR ? p.r + base : nullptr;
         const int64_t j = c >= cfirst ? c - cfirst : c - cfirst + C;
         acc[static_cast<size_t>(j)].template add<O>(p.x + base, go, r, L, ka.at(c));
         if (++c == C) c = 0;
@@ -1018,8 +1095,8 @@ void nchw_sums(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, double*
 // one thread in sample order (LaneSums). Only for long runs (see fuse_block): short runs
 // far apart are read at a fraction of a sequential stream's speed.
 template <typename T, typename OS, typename OO, typename Fin>
-void nchw_fused(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, int64_t B,
-                const Fin& fin) {
+void nchw_fused(const Ptrs<typename OS::Store>& p, const Layout& lo, const KArrays<T>& ka,
+                int64_t B, const Fin& fin) {
   const int64_t C = lo.C, L = lo.L, N = lo.N;
   const int64_t nb = (C + B - 1) / B;
   const bool stream = OO::streams(N * C * L);
@@ -1044,8 +1121,9 @@ void nchw_fused(const Ptrs<T>& p, const Layout& lo, const KArrays<T>& ka, int64_
       if (!p.out) continue;
       for (int64_t n = N - 1; n >= 0; --n) {
         const int64_t off = (n * C + c0) * L;
-        Writer<T> w(p.out + off, stream);
-        Writer<T> w2(OO::kSecond ? p.out2 + off : nullptr, stream);
+        using S = typename OO::Store;
+        Writer<S> w(p.out + off, stream);
+        Writer<S> w2(OO::kSecond ? p.out2 + off : nullptr, stream);
         for (int64_t c = c0; c < c1; ++c) out_run<T, OO>(w, &w2, p, (n * C + c) * L, L, ka.at(c));
         w.finish();
         if (OO::kSecond) w2.finish();
@@ -1137,8 +1215,10 @@ namespace {
 void check_input(const at::Tensor& x, const char* fn) {
   TORCH_CHECK(x.defined(), fn, ": the input is undefined");
   TORCH_CHECK(x.device().is_cpu(), fn, ": expected a CPU input, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, fn,
-              ": expected a float32 or float64 input, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              fn, ": expected a float32, float64, bfloat16 or float16 input, got ",
+              x.scalar_type());
   TORCH_CHECK(x.dim() >= 2, fn, ": expected an (N, C, *) input, got ", x.dim(), "D");
   TORCH_CHECK(x.numel() > 0, fn, ": the input holds no values");
   TORCH_CHECK(usable(x), fn, ": expected a contiguous or channels_last input");
@@ -1198,16 +1278,36 @@ at::Tensor residual_like(const c10::optional<at::Tensor>& r, const at::Tensor& x
 }
 
 // Calls f with the Op type for (M, act, residual): the one place the codes become types.
-template <typename T, int M, typename F>
+template <typename T, typename S, int M, typename F>
 void with_op(int64_t act, bool res, const F& f) {
   auto pick = [&](auto a) {
     constexpr int A = decltype(a)::value;
-    if (res) f(Op<T, M, A, true>{});
-    else f(Op<T, M, A, false>{});
+    if (res) f(Op<T, S, M, A, true>{});
+    else f(Op<T, S, M, A, false>{});
   };
   if (act == kRelu) pick(std::integral_constant<int, kRelu>{});
   else if (act == kRelu6) pick(std::integral_constant<int, kRelu6>{});
   else pick(std::integral_constant<int, kNoAct>{});
+}
+
+// Calls f(T{}, S{}) with the compute and storage types of a tensor of dtype st: the one
+// place the dtypes become types (float32 and float64 as themselves; bfloat16 and float16
+// stored as themselves, computed in float).
+template <typename F>
+void dispatch(at::ScalarType st, const char* fn, const F& f) {
+  switch (st) {
+    case at::kFloat: f(float(), float()); break;
+    case at::kDouble: f(double(), double()); break;
+    case at::kBFloat16: f(float(), BF16{}); break;
+    case at::kHalf: f(float(), F16()); break;
+    default: TORCH_CHECK(false, fn, ": unsupported dtype ", st);
+  }
+}
+
+// A tensor's data as S (the dtype was checked by dispatch's caller).
+template <typename S>
+S* data_as(const at::Tensor& t) {
+  return static_cast<S*>(t.data_ptr());
 }
 
 std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& w,
@@ -1274,12 +1374,13 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
   std::vector<double> s(C), s1(C), s2(C);
   const std::vector<double> wd = want_y ? doubles(w, C, 1.0) : std::vector<double>(C, 1.0);
   const std::vector<double> bd = want_y ? doubles(b, C, 0.0) : std::vector<double>(C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_train", [&] {
-    using T = scalar_t;
-    Ptrs<T> p;
-    p.x = x.data_ptr<T>();
-    p.r = r.defined() ? r.data_ptr<T>() : nullptr;
-    p.out = want_y ? y.data_ptr<T>() : nullptr;
+  dispatch(x.scalar_type(), fn, [&](auto t_, auto s_) {
+    using T = decltype(t_);
+    using S = decltype(s_);
+    Ptrs<S> p;
+    p.x = data_as<S>(x);
+    p.r = r.defined() ? data_as<S>(r) : nullptr;
+    p.out = want_y ? data_as<S>(y) : nullptr;
     double* mp = mean.data_ptr<double>();
     double* vp = var.data_ptr<double>();
     double* fc = fcoef.defined() ? fcoef.data_ptr<double>() : nullptr;
@@ -1303,10 +1404,10 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
         fc[2 * C + c] = static_cast<double>(ka.k0()[c]);
       }
     };
-    using OS = Op<T, kStats, kNoAct, false>;
-    with_op<T, kFwd>(act, p.r != nullptr, [&](auto op) {
+    using OS = Op<T, S, kStats, kNoAct, false>;
+    with_op<T, S, kFwd>(act, p.r != nullptr, [&](auto op) {
       using OO = decltype(op);
-      if (const int64_t B = fuse_block(lo, sizeof(T), 1); B > 0) {
+      if (const int64_t B = fuse_block(lo, sizeof(S), 1); B > 0) {
         nchw_fused<T, OS, OO>(p, lo, ka, B, fin);
         return;
       }
@@ -1383,24 +1484,25 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
   std::vector<double> id = doubles(stat, C, 1.0);
   if (!is_invstd)
     for (int64_t c = 0; c < C; ++c) id[c] = 1.0 / std::sqrt(id[c] + eps);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_backward_train", [&] {
-    using T = scalar_t;
+  dispatch(x.scalar_type(), fn, [&](auto t_, auto s_) {
+    using T = decltype(t_);
+    using S = decltype(s_);
     const double* mp = md.data();
     const double* ip = id.data();
     const double* wp = wd.data();
     double* gs = gsum.data();
     double* gh = gxhat.data();
-    Ptrs<T> p;
-    p.x = x.data_ptr<T>();
-    p.go = go.data_ptr<T>();
-    p.r = r.defined() ? r.data_ptr<T>() : nullptr;
+    Ptrs<S> p;
+    p.x = data_as<S>(x);
+    p.go = data_as<S>(go);
+    p.r = r.defined() ? data_as<S>(r) : nullptr;
     // without grad_x, the gated gradient of the residual is still wanted
-    p.out = need_gx ? gx.data_ptr<T>() : nullptr;
-    p.out2 = gr.defined() ? gr.data_ptr<T>() : nullptr;
+    p.out = need_gx ? data_as<S>(gx) : nullptr;
+    p.out2 = gr.defined() ? data_as<S>(gr) : nullptr;
     at::Tensor scratch;
     if (!p.out && p.out2) {
       scratch = new_output(x);
-      p.out = scratch.data_ptr<T>();
+      p.out = data_as<S>(scratch);
     }
     KArrays<T> ka(C);
     std::vector<double> s(C), sg(C), sgd(C);
@@ -1415,7 +1517,7 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
         ka.fk()[c] = static_cast<T>(fp[2 * C + c]);
       }
     }
-    with_op<T, kBwd>(act, p.r != nullptr, [&](auto op) {
+    with_op<T, S, kBwd>(act, p.r != nullptr, [&](auto op) {
       using O = decltype(op);
       auto fin = [&](int64_t c, double sgc, double sgdc) {  // grad_x's coefficients
         const double lo_c = mp[c] - s[c];  // what the rounded shift missed
@@ -1427,7 +1529,7 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
         ka.ko()[c] = static_cast<T>(a);
         ka.k0()[c] = static_cast<T>(-a * sgc / n - kd * lo_c);
       };
-      if (const int64_t B = fuse_block(lo, sizeof(T), O::inputs); B > 0) {
+      if (const int64_t B = fuse_block(lo, sizeof(S), O::inputs); B > 0) {
         nchw_fused<T, O, O>(p, lo, ka, B, fin);
         return;
       }
@@ -1471,19 +1573,20 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   std::vector<double> sd = doubles(running_var, C, 1.0);
   const std::vector<double> wd = doubles(w, C, 1.0);
   for (int64_t c = 0; c < C; ++c) sd[c] = wd[c] / std::sqrt(sd[c] + eps);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_forward_eval", [&] {
-    using T = scalar_t;
+  dispatch(x.scalar_type(), fn, [&](auto t_, auto s_) {
+    using T = decltype(t_);
+    using S = decltype(s_);
     KArrays<T> ka(C);
     for (int64_t c = 0; c < C; ++c) {
       ka.s()[c] = static_cast<T>(md[c]);
       ka.kx()[c] = static_cast<T>(sd[c]);
       ka.k0()[c] = static_cast<T>(hd[c]);
     }
-    Ptrs<T> p;
-    p.x = x.data_ptr<T>();
-    p.r = r.defined() ? r.data_ptr<T>() : nullptr;
-    p.out = y.data_ptr<T>();
-    with_op<T, kFwd>(act, p.r != nullptr,
+    Ptrs<S> p;
+    p.x = data_as<S>(x);
+    p.r = r.defined() ? data_as<S>(r) : nullptr;
+    p.out = data_as<S>(y);
+    with_op<T, S, kFwd>(act, p.r != nullptr,
                      [&](auto op) { channel_map<T, decltype(op)>(p, lo, ka, false); });
   });
   return y;
@@ -1518,16 +1621,17 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
   std::vector<double> id = doubles(running_var, C, 1.0);
   for (int64_t c = 0; c < C; ++c) id[c] = 1.0 / std::sqrt(id[c] + eps);
   std::vector<double> gsum(C, 0.0), gxhat(C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_backward_eval", [&] {
-    using T = scalar_t;
+  dispatch(x.scalar_type(), fn, [&](auto t_, auto s_) {
+    using T = decltype(t_);
+    using S = decltype(s_);
     if (need_sums) {
       KArrays<T> ka(C);
       std::vector<double> sg(C), sgd(C);
       for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(md[c]);
-      Ptrs<T> p;
-      p.x = x.data_ptr<T>();
-      p.go = go.data_ptr<T>();
-      row_sums<T, Op<T, kBwd, kNoAct, false>>(p, lo, ka, sg.data(), sgd.data());
+      Ptrs<S> p;
+      p.x = data_as<S>(x);
+      p.go = data_as<S>(go);
+      row_sums<T, Op<T, S, kBwd, kNoAct, false>>(p, lo, ka, sg.data(), sgd.data());
       for (int64_t c = 0; c < C; ++c) {
         gsum[c] = sg[c];
         gxhat[c] = sum_g_xhat(sg[c], sgd[c], md[c] - static_cast<double>(ka.s()[c]), id[c]);
@@ -1536,10 +1640,10 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
     if (need_gx) {  // go * a as the forward's output loop: (go - 0) * a + 0
       KArrays<T> ka(C);
       for (int64_t c = 0; c < C; ++c) ka.kx()[c] = static_cast<T>(wd[c] * id[c]);
-      Ptrs<T> p;
-      p.x = go.data_ptr<T>();
-      p.out = gx.data_ptr<T>();
-      channel_map<T, Op<T, kFwd, kNoAct, false>>(p, lo, ka, need_sums);
+      Ptrs<S> p;
+      p.x = data_as<S>(go);
+      p.out = data_as<S>(gx);
+      channel_map<T, Op<T, S, kFwd, kNoAct, false>>(p, lo, ka, need_sums);
     }
   });
   if (!need_sums) return {gx, at::Tensor(), at::Tensor()};
@@ -1567,8 +1671,9 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
   const int64_t C = lo.C;
   const std::vector<double> md = doubles(mean, C, 0.0), xd = doubles(kx, C, 0.0);
   const std::vector<double> od = doubles(ko, C, 0.0), zd = doubles(k0, C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_grad_apply", [&] {
-    using T = scalar_t;
+  dispatch(x.scalar_type(), fn, [&](auto t_, auto s_) {
+    using T = decltype(t_);
+    using S = decltype(s_);
     KArrays<T> ka(C);
     for (int64_t c = 0; c < C; ++c) {
       ka.s()[c] = static_cast<T>(md[c]);
@@ -1576,11 +1681,11 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
       ka.ko()[c] = static_cast<T>(od[c]);
       ka.k0()[c] = static_cast<T>(zd[c]);
     }
-    Ptrs<T> p;
-    p.x = x.data_ptr<T>();
-    p.go = go.data_ptr<T>();
-    p.out = gx.data_ptr<T>();
-    channel_map<T, Op<T, kBwd, kNoAct, false>>(p, lo, ka, false);
+    Ptrs<S> p;
+    p.x = data_as<S>(x);
+    p.go = data_as<S>(go);
+    p.out = data_as<S>(gx);
+    channel_map<T, Op<T, S, kBwd, kNoAct, false>>(p, lo, ka, false);
   });
   return gx;
 }
@@ -1793,13 +1898,21 @@ bool capturing_now() {
          torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
 }
 
-// A per-channel tensor of the layer: absent (None), or C values of x's dtype on the CPU.
+bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// The dtype the kernels compute x in (and the running buffers they update must have).
+at::ScalarType compute_type(const at::Tensor& x) {
+  return low_precision(x.scalar_type()) ? at::kFloat : x.scalar_type();
+}
+
+// A per-channel tensor of the layer: absent (None), or C values on the CPU of x's dtype
+// or, for bfloat16/float16 x, float32 (autocast's case; what validate accepts).
 // false: the common path cannot take it.
 bool channel_arg(PyObject* o, const at::Tensor& x, c10::optional<at::Tensor>& out) {
   if (o == Py_None) return true;
   const at::Tensor* t = o ? tensor_arg(o) : nullptr;
   if (t == nullptr || !plain(*t) || t->dim() != 1 || t->size(0) != x.size(1) ||
-      t->scalar_type() != x.scalar_type())
+      (t->scalar_type() != x.scalar_type() && t->scalar_type() != compute_type(x)))
     return false;
   out = *t;
   return true;
@@ -1833,7 +1946,9 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
       !PyFloat_CheckExact(eps_obj.ptr()) || !PyTuple_Check(ranks.ptr()))
     return decline;
   const at::Tensor& x = *xp;
-  if (!plain(x) || !(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ||
+  if (!plain(x) ||
+      !(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+        low_precision(x.scalar_type())) ||
       x.dim() < 2 || x.size(1) != num_features || x.numel() == 0 || !usable(x))
     return decline;
   check_act(act, "bnkit layer_forward");  // a code only bnkit's Python passes: a bug if bad
@@ -1895,7 +2010,8 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
     const at::Tensor* n = nbt_obj == Py_None ? nullptr : tensor_arg(nbt_obj);
     if (n == nullptr || !plain(*n) || n->scalar_type() != at::kLong || n->numel() != 1 ||
         !writable(*n) || (rm.has_value() != rv.has_value()) ||
-        (rm && !(writable(*rm) && writable(*rv))))
+        (rm && !(writable(*rm) && writable(*rv) && rm->scalar_type() == compute_type(x) &&
+                 rv->scalar_type() == compute_type(x))))
       return decline;
     // the last check passed: count the batch, as count_batch does
     int64_t* count = n->data_ptr<int64_t>();
@@ -1914,185 +2030,4 @@ py::dict activation_codes() {
   codes["relu"] = static_cast<int>(kRelu);
   codes["relu6"] = static_cast<int>(kRelu6);
   return codes;
-}
-
-// ------------------------------------------------------------ reduced-precision staging
-//
-// float32 <-> bfloat16/float16, element for element in memory order, for a dense tensor
-// (contiguous, channels_last or any permutation: it occupies numel consecutive values),
-// keeping its strides; rounding to nearest even as torch's .to() does. The router stages
-// half and bfloat16 input through these and the float32 kernels (torch computes them in
-// float32 too): torch's own conversion runs a scalar loop here, several times slower.
-namespace {
-
-inline uint16_t bf16_from_float(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // NaN -> 0x7fc0, as c10::BFloat16
-  return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);  // a select: the loop vectorises
-}
-
-inline float float_from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-void convert_span(const void* src, void* dst, at::ScalarType from, at::ScalarType to,
-                  int64_t b, int64_t e) {
-  if (from == at::kBFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    float* d = static_cast<float*>(dst);
-    for (int64_t i = b; i < e; ++i) d[i] = float_from_bf16(s[i]);
-  } else if (to == at::kBFloat16) {
-    const float* s = static_cast<const float*>(src);
-    uint16_t* d = static_cast<uint16_t*>(dst);
-    for (int64_t i = b; i < e; ++i) d[i] = bf16_from_float(s[i]);
-  } else if (from == at::kHalf) {
-    const c10::Half* s = static_cast<const c10::Half*>(src);
-    float* d = static_cast<float*>(dst);
-    int64_t i = b;
-#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= e; i += 8)
-      _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                  reinterpret_cast<const __m128i*>(s + i))));
-#endif
-    for (; i < e; ++i) d[i] = static_cast<float>(s[i]);
-  } else {
-    const float* s = static_cast<const float*>(src);
-    c10::Half* d = static_cast<c10::Half*>(dst);
-    int64_t i = b;
-#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= e; i += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-    for (; i < e; ++i) d[i] = c10::Half(s[i]);
-  }
-}
-
-}  // namespace
-
-at::Tensor convert(const at::Tensor& x, at::ScalarType to) {
-  const char* fn = "bnkit convert";
-  TORCH_CHECK(x.defined() && x.device().is_cpu() && x.layout() == at::kStrided, fn,
-              ": expected a strided CPU tensor");
-  const at::ScalarType from = x.scalar_type();
-  const bool low_from = from == at::kBFloat16 || from == at::kHalf;
-  const bool low_to = to == at::kBFloat16 || to == at::kHalf;
-  TORCH_CHECK((low_from && to == at::kFloat) || (from == at::kFloat && low_to), fn,
-              ": converts float32 <-> bfloat16/float16, got ", from, " -> ", to);
-  TORCH_CHECK(x.is_non_overlapping_and_dense(), fn, ": expected a dense tensor");
-  at::Tensor y = at::empty_strided(x.sizes(), x.strides(), x.options().dtype(to));
-  const int64_t n = x.numel();
-  const void* src = x.data_ptr();
-  void* dst = y.data_ptr();
-  at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
-    convert_span(src, dst, from, to, b, e);
-  });
-  return y;
-}
-
-// ------------------------------------------------- reduced-precision eval, in one pass
-//
-// act((x - running_mean) * weight / sqrt(running_var + eps) + bias) for half/bfloat16 x
-// (contiguous or channels_last), read and written in x's dtype and computed in float32,
-// the per-channel factors from float64 (what the staged route computes, without the two
-// conversion passes and the float32 copies between them).
-namespace {
-
-// Blocks of kLowBlock values converted to float32 in L1 (the conversions vectorised:
-// F16C for half where the build has it, a shift for bfloat16), computed, converted back.
-constexpr int64_t kLowBlock = 256;
-
-template <typename S>
-constexpr at::ScalarType low_type() {
-  return std::is_same_v<S, at::BFloat16> ? at::kBFloat16 : at::kHalf;
-}
-
-template <typename S, int A>
-inline void eval_low_span(const S* xs, S* ys, int64_t n, const float* m, const float* a,
-                          const float* b, bool per_value) {
-  alignas(64) float buf[kLowBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kLowBlock) {
-    const int64_t k = std::min(kLowBlock, n - i0);
-    convert_span(xs + i0, buf, low_type<S>(), at::kFloat, 0, k);
-    if (per_value) {  // channels-fastest: channel i0 + j
-      const float *mm = m + i0, *aa = a + i0, *bb = b + i0;
-#pragma omp simd
-      for (int64_t j = 0; j < k; ++j) buf[j] = act_f<A>((buf[j] - mm[j]) * aa[j] + bb[j]);
-    } else {  // one channel for the whole run
-      const float mc = m[0], ac = a[0], bc = b[0];
-#pragma omp simd
-      for (int64_t j = 0; j < k; ++j) buf[j] = act_f<A>((buf[j] - mc) * ac + bc);
-    }
-    convert_span(buf, ys + i0, at::kFloat, low_type<S>(), 0, k);
-  }
-}
-
-template <typename S, int A>
-void eval_low_loop(const S* x, S* y, const Layout& lo, const float* m, const float* a,
-                   const float* b) {
-  const int64_t C = lo.C;
-  if (!lo.fastest) {  // NCHW: runs of L values of one channel
-    const int64_t L = lo.L, runs = lo.N * C;
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
-    at::parallel_for(0, runs, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % C;
-        eval_low_span<S, A>(x + r * L, y + r * L, L, m + c, a + c, b + c, false);
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, lo.R, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) eval_low_span<S, A>(x + r * C, y + r * C, C, m, a, b, true);
-  });
-}
-
-}  // namespace
-
-at::Tensor forward_eval_low(const at::Tensor& x_in, const at::Tensor& running_mean,
-                            const at::Tensor& running_var, const c10::optional<at::Tensor>& w,
-                            const c10::optional<at::Tensor>& b, double eps, int64_t act) {
-  const char* fn = "bnkit forward_eval_low";
-  TORCH_CHECK(x_in.defined() && x_in.device().is_cpu() && x_in.layout() == at::kStrided, fn,
-              ": expected a strided CPU tensor");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf, fn,
-              ": expected bfloat16 or float16 input, got ", x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() >= 2 && x_in.numel() > 0, fn, ": expected a non-empty (N, C, *) input");
-  TORCH_CHECK(usable(x_in), fn, ": expected a contiguous or channels_last input");
-  check_act(act, fn);
-  const int64_t C_in = x_in.size(1);
-  check_channel(running_mean, C_in, fn, "running_mean");
-  check_channel(running_var, C_in, fn, "running_var");
-  check_channel(w, C_in, fn, "weight");
-  check_channel(b, C_in, fn, "bias");
-  TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
-  const Layout lo = layout_of(x_in);
-  at::Tensor x = as_layout(x_in, lo.fastest);
-  at::Tensor y = new_output(x);
-  const int64_t C = lo.C;
-  const std::vector<double> md = doubles(running_mean, C, 0.0), hd = doubles(b, C, 0.0);
-  const std::vector<double> vd = doubles(running_var, C, 1.0), wd = doubles(w, C, 1.0);
-  std::vector<float> m(C), a(C), k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    m[c] = static_cast<float>(md[c]);
-    a[c] = static_cast<float>(wd[c] / std::sqrt(vd[c] + eps));
-    k[c] = static_cast<float>(hd[c]);
-  }
-  auto run = [&](auto s) {
-    using S = decltype(s);
-    const S* xp = static_cast<const S*>(x.data_ptr());
-    S* yp = static_cast<S*>(y.data_ptr());
-    if (act == kRelu) eval_low_loop<S, kRelu>(xp, yp, lo, m.data(), a.data(), k.data());
-    else if (act == kRelu6) eval_low_loop<S, kRelu6>(xp, yp, lo, m.data(), a.data(), k.data());
-    else eval_low_loop<S, kNoAct>(xp, yp, lo, m.data(), a.data(), k.data());
-  };
-  if (x.scalar_type() == at::kBFloat16) run(at::BFloat16());
-  else run(at::Half());
-  return y;
 }

@@ -113,8 +113,6 @@ def _build() -> Any:
             "set_graph_backward",
             "layer_forward",
             "activation_codes",
-            "convert",
-            "forward_eval_low",
         ],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -312,28 +310,6 @@ class FastPath:
         """:meth:`forward_eval` as a C++ autograd node (backward: :meth:`backward_eval`'s
         kernel, or the torch-op form of ``bnkit.nn._backward`` as for :meth:`train_node`)."""
         y: Tensor = self._mod.eval_fn(x, weight, bias, running_mean, running_var, eps)
-        return y
-
-    def convert(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``x.to(dtype)`` between float32 and bfloat16/float16 for a dense ``x``, strides
-        kept, rounding to nearest even (torch's rule)."""
-        y: Tensor = self._mod.convert(x, dtype)
-        return y
-
-    def forward_eval_low(
-        self,
-        x: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        *,
-        eps: float,
-        act: int = 0,
-    ) -> Tensor:
-        """:meth:`forward_eval` for half/bfloat16 ``x`` (contiguous or channels_last), read
-        and written in its dtype, computed in float32: one pass, no conversion copies."""
-        y: Tensor = self._mod.forward_eval_low(x, running_mean, running_var, weight, bias, eps, act)
         return y
 
     def grad_apply(

@@ -12,13 +12,14 @@ asks :func:`train` or :func:`eval` with the call's tensors and gets a :class:`Ro
   :mod:`bnkit.nn._backward`): every device, dtype and layout, every graph capture.
 
 The kernels may read a tensor when every rule of :data:`RULES` holds for it (the C++ side
-checks its own preconditions again, so no slip here can become a memory error). Where the
-only rules that fail are the dtype (half or bfloat16) and the layout (a strided view), the
-route carries a :class:`Stage`: the input is converted to float32 and/or copied to a
-contiguous tensor, the kernels run, and the output is rounded back once, which is faster
-than torch's ops on the original and the same math. A
-training call also updates the running buffers inside the kernel when :data:`BUFFER_RULES`
-hold for them; otherwise the kernel normalizes and the update is torch's.
+checks its own preconditions again, so no slip here can become a memory error). They read
+and write float32, float64, bfloat16 and float16 in their own dtype (the two 16-bit ones
+computed in float32, as torch computes them, with float32 or same-dtype parameters).
+Where the only rule that fails is the layout (a strided view), the route carries a
+:class:`Stage`: the input is copied to a contiguous tensor (torch's output is contiguous
+for one too) and the kernels run on the copy. A training call also updates the running
+buffers inside the kernel when :data:`BUFFER_RULES` hold for them (buffers of the
+kernel's compute dtype); otherwise the kernel normalizes and the update is torch's.
 
 The C++ one-call (``layer_forward`` in ``_kernels.cpp``, which a module's forward tries
 first) is the compiled form of one case of this router: a plain bnkit module, a valid call
@@ -51,6 +52,7 @@ __all__ = [
     "backward_sums",
     "builds_graph",
     "capturing",
+    "compute_dtype",
     "data",
     "dense",
     "eval",
@@ -59,7 +61,7 @@ __all__ = [
     "train",
 ]
 
-FAST_DTYPES = (torch.float32, torch.float64)
+FAST_DTYPES = (torch.float32, torch.float64, *LOW)
 
 
 class Path(enum.Enum):
@@ -70,12 +72,10 @@ class Path(enum.Enum):
 
 
 class Stage(NamedTuple):
-    """How the tensors are brought to the kernels: in ``dtype`` (float32 for half and
-    bfloat16 input, the dtype torch computes them in; the output is rounded back once)
-    and/or copied to a contiguous tensor (a strided view; torch's output is contiguous
-    for one too). Both are ordinary torch ops, which autograd differentiates."""
+    """How the input is brought to the kernels: copied to a contiguous tensor (a strided
+    view; torch's output is contiguous for one too), an ordinary torch op, which autograd
+    differentiates."""
 
-    dtype: torch.dtype | None
     contiguous: bool
 
 
@@ -83,7 +83,7 @@ class Route(NamedTuple):
     path: Path
     fast: FastPath | None  # the kernels, for KERNEL and NODE
     buffers: bool = False  # the kernel updates the running buffers itself
-    stage: Stage | None = None  # the input is converted for the kernels first
+    stage: Stage | None = None  # the input is copied contiguous for the kernels first
 
 
 def capturing(x: Tensor) -> bool:
@@ -161,12 +161,17 @@ class Rule(NamedTuple):
 # vmap's batched tensor cannot be asked about channels_last.)
 RULES: tuple[Rule, ...] = (
     Rule("cpu", lambda x: x.is_cpu),
-    Rule("float32 or float64", lambda x: x.dtype in FAST_DTYPES, lambda x: x.dtype in LOW),
+    Rule("float32, float64, bfloat16 or float16", lambda x: x.dtype in FAST_DTYPES),
     Rule("not empty", lambda x: x.numel() > 0),
     Rule("plain data", _plain_data),
     Rule("nothing captured", lambda x: not capturing(x)),
     Rule("contiguous or channels_last", _layout_ok, lambda x: True),
 )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute ``dtype`` input in (float32 for bfloat16/float16)."""
+    return torch.float32 if dtype in LOW else dtype
 
 
 def _buffer_ok(dtype: torch.dtype, b: Tensor) -> bool:
@@ -200,20 +205,17 @@ def data(x: Tensor) -> FastPath | None:
 def staged(x: Tensor) -> tuple[FastPath | None, Stage | None]:
     """The kernels for ``x`` as it is (stage None), or after a :class:`Stage` where every
     rule that fails can be met by one; (None, None) where they cannot take it."""
-    low = strided = False
+    strided = False
     for rule in RULES:
         if rule.holds(x):
             continue
         if rule.staged is None or not rule.staged(x):
             return None, None
-        if rule.name == "contiguous or channels_last":
-            strided = True
-        else:
-            low = True
+        strided = True
     fast = _kernels_now()
-    if fast is None or not (low or strided):
+    if fast is None or not strided:
         return fast, None
-    return fast, Stage(torch.float32 if low else None, strided)
+    return fast, Stage(contiguous=True)
 
 
 def _kernels_now() -> FastPath | None:
@@ -247,7 +249,7 @@ def train(
     fast, stage = staged(x)
     if fast is None:
         return Route(Path.COMPILED if torch.compiler.is_compiling() else Path.TORCH, None)
-    dtype = stage.dtype if stage is not None and stage.dtype is not None else x.dtype
+    dtype = compute_dtype(x.dtype)
     buffers = running_mean is not None and all(
         ok(dtype, running_mean, running_var) for _, ok in BUFFER_RULES
     )

@@ -19,7 +19,7 @@ runs it with its handling off and returns the result as its own type).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -133,7 +133,7 @@ def _train(
             )
         if in_kernel is None and (rm is not None or rv is not None):
             _update(x, rm, rv, mean, var, factor)
-        return _unstaged(fast, y, x.dtype), mean, var
+        return y, mean, var
     if x.numel() == 0:
         # Keep the empty output connected to the graph, as torch does.
         y = x.to(compute_dtype(x))
@@ -152,10 +152,6 @@ def _train(
     return finish_activation(y, residual, act), mean, var
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _staged(
     fast: FastPath,
     stage: _router.Stage | None,
@@ -164,45 +160,13 @@ def _staged(
     bias: Tensor | None,
     residual: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The call's tensors as the kernels take them (see :class:`bnkit.nn._router.Stage`),
-    differentiably, so autograd carries the gradients back."""
-    if stage is None:
+    """The call's tensors as the kernels take them (see :class:`bnkit.nn._router.Stage`):
+    a strided input copied contiguous, differentiably (autograd carries the gradient
+    back); the parameters and the residual as they are (the kernels read any layout and
+    float32 parameters for 16-bit input)."""
+    if stage is None or not stage.contiguous:
         return x, weight, bias, residual
-    xk = x.contiguous() if stage.contiguous else x
-    if stage.dtype is not None:
-        xk = _convert(fast, xk, stage.dtype)
-    dt = xk.dtype
-    wk = None if weight is None else _as(weight, dt)
-    bk = None if bias is None else _as(bias, dt)
-    rk = None if residual is None else _as(residual, dt)
-    return xk, wk, bk, rk
-
-
-def _unstaged(fast: FastPath, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """The kernels' output in the input's dtype (rounded once)."""
-    return y if y.dtype == dtype else _convert(fast, y, dtype)
-
-
-def _convert(fast: FastPath, t: Tensor, dtype: torch.dtype) -> Tensor:
-    if torch.is_grad_enabled() and t.requires_grad:
-        return _Convert.apply(t, dtype, fast)  # type: ignore[no-any-return]
-    return fast.convert(t, dtype)
-
-
-class _Convert(torch.autograd.Function):
-    """float32 <-> half/bfloat16 with the kernels' conversion, both ways (torch's ``.to``
-    under a double backward, which must differentiate it)."""
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor, dtype: torch.dtype, fast: FastPath) -> Tensor:  # type: ignore[override]
-        ctx.src, ctx.fast = t.dtype, fast
-        return fast.convert(t, dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
-        if torch.is_grad_enabled() or not (_router.has_storage(grad) and _router.dense(grad)):
-            return grad.to(ctx.src), None, None
-        return ctx.fast.convert(grad, ctx.src), None, None
+    return x.contiguous(), weight, bias, residual
 
 
 def _update(
@@ -262,24 +226,11 @@ def normalize_eval(
     route = _router.eval(x, weight, bias, residual, running_mean, running_var)
     fast = route.fast
     if fast is not None:
-        stage = route.stage
-        if (
-            route.path is Path.KERNEL
-            and stage is not None
-            and stage.dtype is not None
-            and not stage.contiguous
-            and residual is None
-        ):  # half/bfloat16 in one pass, in their own dtype
-            return fast.forward_eval_low(
-                x, running_mean, running_var, weight, bias, eps=eps, act=act
-            )
-        xk, wk, bk, rk = _staged(fast, stage, x, weight, bias, residual)
-        rmk, rvk = _as(running_mean, xk.dtype), _as(running_var, xk.dtype)
+        xk, wk, bk, rk = _staged(fast, route.stage, x, weight, bias, residual)
+        rm, rv = running_mean, running_var
         if route.path is Path.KERNEL:  # one pass, the activation and residual included
-            y = fast.forward_eval(xk, rmk, rvk, wk, bk, eps=eps, residual=rk, act=act)
-            return _unstaged(fast, y, x.dtype)
-        y = _unstaged(fast, fast.eval_node(xk, wk, bk, rmk, rvk, eps=eps), x.dtype)
-        return finish_activation(y, residual, act)
+            return fast.forward_eval(xk, rm, rv, wk, bk, eps=eps, residual=rk, act=act)
+        return finish_activation(fast.eval_node(xk, wk, bk, rm, rv, eps=eps), residual, act)
     y = eval_forward(x, running_mean, running_var, weight, bias, eps)
     return finish_activation(y, residual, act)
 
