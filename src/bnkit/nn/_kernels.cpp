@@ -144,21 +144,70 @@ inline int64_t stream_copy(double* dst, const double* src, int64_t n, bool all) 
 // The kernels read and write the input's own dtype (the storage type S) and compute in T:
 // T = S for float32 and float64; T = float for bfloat16 and float16, as torch computes
 // them. ld converts a stored value to T, st<S> rounds a T to S (to nearest even, as
-// torch's .to() does); both are plain expressions that vectorise in the kernels' loops
-// (a shift and a select for bfloat16; vcvtph2ps/vcvtps2ph for float16 where the build has
-// F16C, a library call elsewhere). So a half-precision tensor is read and written once at
-// two bytes a value, never staged through float32 copies.
+// torch's .to() does). Both are integer and float arithmetic with selects, no branches and
+// no intrinsics, so that they vectorise inside the kernels' loops on every architecture
+// (GCC 12 does not vectorise _Float16 conversions: a scalar vcvtph2ps per value ran the
+// float16 kernels at a sixth of bfloat16's speed). So a half-precision tensor is read and
+// written once at two bytes a value, never staged through float32 copies.
+// (always inlined: in this large file GCC's inliner otherwise leaves some calls in the
+// float16 loops, which then do not vectorise)
+#define BNKIT_INLINE inline __attribute__((always_inline))
+
 struct BF16 {
   uint16_t bits;
 };
-#if defined(__FLT16_MAX__)
-using F16 = _Float16;  // the compiler's IEEE binary16 (x86-64 GCC >= 12, Clang, AArch64)
-#else
-using F16 = c10::Half;  // elsewhere: c10's conversion (scalar, correct)
-#endif
+struct F16 {
+  uint16_t bits;
+};
 static_assert(sizeof(BF16) == 2 && sizeof(F16) == 2, "bnkit: 16-bit storage types");
 
-inline uint16_t bf16_from_float(float f) {
+BNKIT_INLINE uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+BNKIT_INLINE float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// c ? a : b as masks (no branch for the vectoriser to give up on)
+BNKIT_INLINE uint32_t pick(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+// IEEE binary16 -> float, exact: normals by rebiasing the exponent, subnormals as
+// m * 2^-24 (an exact float subtraction, no float subnormal involved), inf and NaN (payload
+// kept, as vcvtph2ps does) by setting the whole exponent.
+BNKIT_INLINE float float_from_f16(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  const uint32_t special = (em << 13) | 0x7f800000u;
+  const uint32_t sub = bits_of(float_of((em << 13) + (113u << 23)) - float_of(113u << 23));
+  const uint32_t o = pick(em >= 0x7c00u, special, pick(em < 0x400u, sub, normal));
+  return float_of(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+// float -> IEEE binary16, rounding to nearest even (F. Giesen's float_to_half_fast3_rtne):
+// overflow to inf, NaN stays NaN (quiet, payload's top bits kept, as vcvtps2ph does),
+// subnormal results rounded by a float addition of a magic constant.
+BNKIT_INLINE uint16_t f16_from_float(float f) {
+  const uint32_t u = bits_of(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+  const uint32_t big = pick(a > 0x7f800000u, nan, 0x7c00u);  // at or above 65520: inf
+  constexpr uint32_t kMagic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t sub = bits_of(float_of(a) + float_of(kMagic)) - kMagic;
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t o = pick(a >= ((127u + 16u) << 23), big, pick(a < (113u << 23), sub, normal));
+  return static_cast<uint16_t>(o | sign);
+}
+
+BNKIT_INLINE uint16_t bf16_from_float(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -166,25 +215,22 @@ inline uint16_t bf16_from_float(float f) {
   return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);  // a select: the loop vectorises
 }
 
-inline float float_from_bf16(uint16_t h) {
+BNKIT_INLINE float float_from_bf16(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-inline float ld(float v) { return v; }
-inline double ld(double v) { return v; }
-inline float ld(BF16 v) { return float_from_bf16(v.bits); }
-#if defined(__FLT16_MAX__)
-inline float ld(F16 v) { return static_cast<float>(v); }
-#else
-inline float ld(const F16& v) { return static_cast<float>(v); }
-#endif
+BNKIT_INLINE float ld(float v) { return v; }
+BNKIT_INLINE double ld(double v) { return v; }
+BNKIT_INLINE float ld(BF16 v) { return float_from_bf16(v.bits); }
+BNKIT_INLINE float ld(F16 v) { return float_from_f16(v.bits); }
 
 template <typename S, typename T>
-inline S st(T v) {
+BNKIT_INLINE S st(T v) {
   if constexpr (std::is_same_v<S, BF16>) return BF16{bf16_from_float(v)};
+  else if constexpr (std::is_same_v<S, F16>) return F16{f16_from_float(v)};
   else return static_cast<S>(v);
 }
 
@@ -1314,6 +1360,62 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
                                    const c10::optional<at::Tensor>& b, double eps, bool want_y,
                                    const c10::optional<at::Tensor>& residual, int64_t act,
                                    const char* fn);
+
+// float16 where the build has F16C (x86): converted to float32 in one vectorised pass
+// each way (vcvtph2ps/vcvtps2ph, eight values an instruction) around the float32 kernels.
+// The kernels' own float16 loads and stores (float_from_f16/f16_from_float, what every
+// other build runs) are integer arithmetic, ~30 vector operations per eight values, and
+// measured 4-6x torch's time on float16 where this staging is 2-2.5x (docs/performance.md).
+#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
+constexpr bool kStageHalf = true;
+#else
+constexpr bool kStageHalf = false;
+#endif
+
+bool staged_half(const at::Tensor& t) { return kStageHalf && t.scalar_type() == at::kHalf; }
+
+// A dense tensor converted float16 <-> float32 with its strides kept (any other: torch's).
+at::Tensor half_convert(const at::Tensor& t, at::ScalarType to) {
+  if (!t.is_non_overlapping_and_dense()) return t.to(to);
+  at::Tensor y = at::empty_strided(t.sizes(), t.strides(), t.options().dtype(to));
+#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
+  const int64_t n = t.numel();
+  if (to == at::kFloat) {
+    const uint16_t* s = static_cast<const uint16_t*>(t.data_ptr());
+    float* d = static_cast<float*>(y.data_ptr());
+    at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+      int64_t i = b;
+      for (; i + 8 <= e; i += 8)
+        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                    reinterpret_cast<const __m128i*>(s + i))));
+      for (; i < e; ++i) d[i] = float_from_f16(s[i]);
+    });
+  } else {
+    const float* s = static_cast<const float*>(t.data_ptr());
+    uint16_t* d = static_cast<uint16_t*>(y.data_ptr());
+    at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+      int64_t i = b;
+      for (; i + 8 <= e; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+      for (; i < e; ++i) d[i] = f16_from_float(s[i]);
+    });
+  }
+#else
+  y.copy_(t);
+#endif
+  return y;
+}
+
+at::Tensor widen(const at::Tensor& t) { return half_convert(t, at::kFloat); }
+c10::optional<at::Tensor> widen(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined() || t->scalar_type() != at::kHalf) return t;
+  return half_convert(*t, at::kFloat);
+}
+at::Tensor narrow(const at::Tensor& t) {
+  return t.defined() ? half_convert(t, at::kHalf) : t;
+}
+
 }  // namespace
 
 // Returns (y, mean, biased var, coef); mean/var float64 of shape (C,). y = act(bn(x) [+
@@ -1336,7 +1438,13 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
   const bool has_rm = has(running_mean);
   TORCH_CHECK(has_rm == has(running_var), fn, ": give both running buffers or neither");
   if (has_rm) check_running(*running_mean, *running_var, C, fn);
-  auto r = train_impl(x_in, w, b, eps, true, residual, act, fn);
+  std::vector<at::Tensor> r;
+  if (staged_half(x_in)) {
+    r = train_impl(widen(x_in), w, b, eps, true, widen(residual), act, fn);
+    r[0] = narrow(r[0]);
+  } else {
+    r = train_impl(x_in, w, b, eps, true, residual, act, fn);
+  }
   if (has_rm) {
     update_running_impl(*running_mean, *running_var, r[1].data_ptr<double>(),
                         r[2].data_ptr<double>(), x_in.numel() / x_in.size(1), f);
@@ -1348,7 +1456,8 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
 std::vector<at::Tensor> stats(const at::Tensor& x_in) {
   const char* fn = "bnkit stats";
   check_input(x_in, fn);
-  auto r = train_impl(x_in, c10::nullopt, c10::nullopt, 1.0, false, c10::nullopt, kNoAct, fn);
+  auto r = train_impl(staged_half(x_in) ? widen(x_in) : x_in, c10::nullopt, c10::nullopt, 1.0,
+                      false, c10::nullopt, kNoAct, fn);
   return {r[1], r[2]};
 }
 
@@ -1468,6 +1577,13 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
                 fn, ": an activation needs the forward's coefficients, a contiguous float64 (3, ",
                 C_in, ") tensor");
   }
+  if (staged_half(x_in)) {
+    auto r = backward_train(widen(go_in), widen(x_in), w, mean, stat, eps, is_invstd, need_gx,
+                            raw_sums, widen(residual), act, fcoef);
+    r[0] = narrow(r[0]);
+    r[3] = narrow(r[3]);
+    return r;
+  }
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
@@ -1564,6 +1680,9 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   check_channel(w, C_in, fn, "weight");
   check_channel(b, C_in, fn, "bias");
   TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
+  if (staged_half(x_in))
+    return narrow(forward_eval(widen(x_in), running_mean, running_var, w, b, eps,
+                               widen(residual), act));
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   const at::Tensor r = residual_like(residual, x_in, x, lo.fastest, fn);
@@ -1610,6 +1729,12 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
   check_channel(running_mean, C_in, fn, "running_mean");
   check_channel(running_var, C_in, fn, "running_var");
   TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
+  if (staged_half(x_in)) {
+    auto r = backward_eval(widen(go_in), widen(x_in), w, running_mean, running_var, eps,
+                           need_gx, need_sums);
+    r[0] = narrow(r[0]);
+    return r;
+  }
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
@@ -1625,12 +1750,17 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
     using T = decltype(t_);
     using S = decltype(s_);
     if (need_sums) {
+      // sum(g * (x - running_mean)) as sum(g * (x - s)) + (s - running_mean) * sum(g), s
+      // the batch's own shift: x - running_mean is not centred on the batch (a running
+      // mean far from it makes large terms whose rounding in T does not cancel: float32
+      // weight gradients 2-5x less accurate than torch's); x - s is small, as in training
       KArrays<T> ka(C);
-      std::vector<double> sg(C), sgd(C);
-      for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(md[c]);
+      std::vector<double> sg(C), sgd(C), sh(C);
       Ptrs<S> p;
       p.x = data_as<S>(x);
       p.go = data_as<S>(go);
+      shifts(p.x, lo, sh.data());
+      for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(sh[c]);
       row_sums<T, Op<T, S, kBwd, kNoAct, false>>(p, lo, ka, sg.data(), sgd.data());
       for (int64_t c = 0; c < C; ++c) {
         gsum[c] = sg[c];
@@ -1664,6 +1794,7 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
   check_channel(kx, C_in, fn, "k_centered");
   check_channel(ko, C_in, fn, "k_grad");
   check_channel(k0, C_in, fn, "k_const");
+  if (staged_half(x_in)) return narrow(grad_apply(widen(go_in), widen(x_in), mean, kx, ko, k0));
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.to(x.scalar_type()), lo.fastest);
