@@ -1750,17 +1750,12 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
     using T = decltype(t_);
     using S = decltype(s_);
     if (need_sums) {
-      // sum(g * (x - running_mean)) as sum(g * (x - s)) + (s - running_mean) * sum(g), s
-      // the batch's own shift: x - running_mean is not centred on the batch (a running
-      // mean far from it makes large terms whose rounding in T does not cancel: float32
-      // weight gradients 2-5x less accurate than torch's); x - s is small, as in training
       KArrays<T> ka(C);
-      std::vector<double> sg(C), sgd(C), sh(C);
+      std::vector<double> sg(C), sgd(C);
+      for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(md[c]);
       Ptrs<S> p;
       p.x = data_as<S>(x);
       p.go = data_as<S>(go);
-      shifts(p.x, lo, sh.data());
-      for (int64_t c = 0; c < C; ++c) ka.s()[c] = static_cast<T>(sh[c]);
       row_sums<T, Op<T, S, kBwd, kNoAct, false>>(p, lo, ka, sg.data(), sgd.data());
       for (int64_t c = 0; c < C; ++c) {
         gsum[c] = sg[c];
