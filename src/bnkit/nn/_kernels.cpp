@@ -1361,61 +1361,6 @@ std::vector<at::Tensor> train_impl(const at::Tensor& x_in, const c10::optional<a
                                    const c10::optional<at::Tensor>& residual, int64_t act,
                                    const char* fn);
 
-// float16 where the build has F16C (x86): converted to float32 in one vectorised pass
-// each way (vcvtph2ps/vcvtps2ph, eight values an instruction) around the float32 kernels.
-// The kernels' own float16 loads and stores (float_from_f16/f16_from_float, what every
-// other build runs) are integer arithmetic, ~30 vector operations per eight values, and
-// measured 4-6x torch's time on float16 where this staging is 2-2.5x (docs/performance.md).
-#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
-constexpr bool kStageHalf = true;
-#else
-constexpr bool kStageHalf = false;
-#endif
-
-bool staged_half(const at::Tensor& t) { return kStageHalf && t.scalar_type() == at::kHalf; }
-
-// A dense tensor converted float16 <-> float32 with its strides kept (any other: torch's).
-at::Tensor half_convert(const at::Tensor& t, at::ScalarType to) {
-  if (!t.is_non_overlapping_and_dense()) return t.to(to);
-  at::Tensor y = at::empty_strided(t.sizes(), t.strides(), t.options().dtype(to));
-#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
-  const int64_t n = t.numel();
-  if (to == at::kFloat) {
-    const uint16_t* s = static_cast<const uint16_t*>(t.data_ptr());
-    float* d = static_cast<float*>(y.data_ptr());
-    at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
-      int64_t i = b;
-      for (; i + 8 <= e; i += 8)
-        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                    reinterpret_cast<const __m128i*>(s + i))));
-      for (; i < e; ++i) d[i] = float_from_f16(s[i]);
-    });
-  } else {
-    const float* s = static_cast<const float*>(t.data_ptr());
-    uint16_t* d = static_cast<uint16_t*>(y.data_ptr());
-    at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
-      int64_t i = b;
-      for (; i + 8 <= e; i += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-      for (; i < e; ++i) d[i] = f16_from_float(s[i]);
-    });
-  }
-#else
-  y.copy_(t);
-#endif
-  return y;
-}
-
-at::Tensor widen(const at::Tensor& t) { return half_convert(t, at::kFloat); }
-c10::optional<at::Tensor> widen(const c10::optional<at::Tensor>& t) {
-  if (!t.has_value() || !t->defined() || t->scalar_type() != at::kHalf) return t;
-  return half_convert(*t, at::kFloat);
-}
-at::Tensor narrow(const at::Tensor& t) {
-  return t.defined() ? half_convert(t, at::kHalf) : t;
-}
-
 }  // namespace
 
 // Returns (y, mean, biased var, coef); mean/var float64 of shape (C,). y = act(bn(x) [+
@@ -1438,13 +1383,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
   const bool has_rm = has(running_mean);
   TORCH_CHECK(has_rm == has(running_var), fn, ": give both running buffers or neither");
   if (has_rm) check_running(*running_mean, *running_var, C, fn);
-  std::vector<at::Tensor> r;
-  if (staged_half(x_in)) {
-    r = train_impl(widen(x_in), w, b, eps, true, widen(residual), act, fn);
-    r[0] = narrow(r[0]);
-  } else {
-    r = train_impl(x_in, w, b, eps, true, residual, act, fn);
-  }
+  auto r = train_impl(x_in, w, b, eps, true, residual, act, fn);
   if (has_rm) {
     update_running_impl(*running_mean, *running_var, r[1].data_ptr<double>(),
                         r[2].data_ptr<double>(), x_in.numel() / x_in.size(1), f);
@@ -1456,8 +1395,7 @@ std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const c10::optiona
 std::vector<at::Tensor> stats(const at::Tensor& x_in) {
   const char* fn = "bnkit stats";
   check_input(x_in, fn);
-  auto r = train_impl(staged_half(x_in) ? widen(x_in) : x_in, c10::nullopt, c10::nullopt, 1.0,
-                      false, c10::nullopt, kNoAct, fn);
+  auto r = train_impl(x_in, c10::nullopt, c10::nullopt, 1.0, false, c10::nullopt, kNoAct, fn);
   return {r[1], r[2]};
 }
 
@@ -1577,13 +1515,6 @@ std::vector<at::Tensor> backward_train(const at::Tensor& go_in, const at::Tensor
                 fn, ": an activation needs the forward's coefficients, a contiguous float64 (3, ",
                 C_in, ") tensor");
   }
-  if (staged_half(x_in)) {
-    auto r = backward_train(widen(go_in), widen(x_in), w, mean, stat, eps, is_invstd, need_gx,
-                            raw_sums, widen(residual), act, fcoef);
-    r[0] = narrow(r[0]);
-    r[3] = narrow(r[3]);
-    return r;
-  }
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
@@ -1680,9 +1611,6 @@ at::Tensor forward_eval(const at::Tensor& x_in, const at::Tensor& running_mean,
   check_channel(w, C_in, fn, "weight");
   check_channel(b, C_in, fn, "bias");
   TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
-  if (staged_half(x_in))
-    return narrow(forward_eval(widen(x_in), running_mean, running_var, w, b, eps,
-                               widen(residual), act));
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   const at::Tensor r = residual_like(residual, x_in, x, lo.fastest, fn);
@@ -1729,12 +1657,6 @@ std::vector<at::Tensor> backward_eval(const at::Tensor& go_in, const at::Tensor&
   check_channel(running_mean, C_in, fn, "running_mean");
   check_channel(running_var, C_in, fn, "running_var");
   TORCH_CHECK(eps >= 0, fn, ": eps must be >= 0, got ", eps);
-  if (staged_half(x_in)) {
-    auto r = backward_eval(widen(go_in), widen(x_in), w, running_mean, running_var, eps,
-                           need_gx, need_sums);
-    r[0] = narrow(r[0]);
-    return r;
-  }
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.scalar_type() == x.scalar_type() ? go_in
@@ -1789,7 +1711,6 @@ at::Tensor grad_apply(const at::Tensor& go_in, const at::Tensor& x_in, const at:
   check_channel(kx, C_in, fn, "k_centered");
   check_channel(ko, C_in, fn, "k_grad");
   check_channel(k0, C_in, fn, "k_const");
-  if (staged_half(x_in)) return narrow(grad_apply(widen(go_in), widen(x_in), mean, kx, ko, k0));
   const Layout lo = layout_of(x_in);
   at::Tensor x = as_layout(x_in, lo.fastest);
   at::Tensor go = as_layout(go_in.to(x.scalar_type()), lo.fastest);
