@@ -149,10 +149,6 @@ inline int64_t stream_copy(double* dst, const double* src, int64_t n, bool all) 
 // (GCC 12 does not vectorise _Float16 conversions: a scalar vcvtph2ps per value ran the
 // float16 kernels at a sixth of bfloat16's speed). So a half-precision tensor is read and
 // written once at two bytes a value, never staged through float32 copies.
-// (always inlined: in this large file GCC's inliner otherwise leaves some calls in the
-// float16 loops, which then do not vectorise)
-#define BNKIT_INLINE inline __attribute__((always_inline))
-
 struct BF16 {
   uint16_t bits;
 };
@@ -161,20 +157,20 @@ struct F16 {
 };
 static_assert(sizeof(BF16) == 2 && sizeof(F16) == 2, "bnkit: 16-bit storage types");
 
-BNKIT_INLINE uint32_t bits_of(float f) {
+inline uint32_t bits_of(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
 
-BNKIT_INLINE float float_of(uint32_t u) {
+inline float float_of(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
 // c ? a : b as masks (no branch for the vectoriser to give up on)
-BNKIT_INLINE uint32_t pick(bool c, uint32_t a, uint32_t b) {
+inline uint32_t pick(bool c, uint32_t a, uint32_t b) {
   const uint32_t m = 0u - static_cast<uint32_t>(c);
   return (a & m) | (b & ~m);
 }
@@ -182,7 +178,7 @@ BNKIT_INLINE uint32_t pick(bool c, uint32_t a, uint32_t b) {
 // IEEE binary16 -> float, exact: normals by rebiasing the exponent, subnormals as
 // m * 2^-24 (an exact float subtraction, no float subnormal involved), inf and NaN (payload
 // kept, as vcvtph2ps does) by setting the whole exponent.
-BNKIT_INLINE float float_from_f16(uint16_t h) {
+inline float float_from_f16(uint16_t h) {
   const uint32_t em = h & 0x7fffu;
   const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
   const uint32_t special = (em << 13) | 0x7f800000u;
@@ -194,7 +190,7 @@ BNKIT_INLINE float float_from_f16(uint16_t h) {
 // float -> IEEE binary16, rounding to nearest even (F. Giesen's float_to_half_fast3_rtne):
 // overflow to inf, NaN stays NaN (quiet, payload's top bits kept, as vcvtps2ph does),
 // subnormal results rounded by a float addition of a magic constant.
-BNKIT_INLINE uint16_t f16_from_float(float f) {
+inline uint16_t f16_from_float(float f) {
   const uint32_t u = bits_of(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
@@ -207,7 +203,7 @@ BNKIT_INLINE uint16_t f16_from_float(float f) {
   return static_cast<uint16_t>(o | sign);
 }
 
-BNKIT_INLINE uint16_t bf16_from_float(float f) {
+inline uint16_t bf16_from_float(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -215,20 +211,20 @@ BNKIT_INLINE uint16_t bf16_from_float(float f) {
   return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);  // a select: the loop vectorises
 }
 
-BNKIT_INLINE float float_from_bf16(uint16_t h) {
+inline float float_from_bf16(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-BNKIT_INLINE float ld(float v) { return v; }
-BNKIT_INLINE double ld(double v) { return v; }
-BNKIT_INLINE float ld(BF16 v) { return float_from_bf16(v.bits); }
-BNKIT_INLINE float ld(F16 v) { return float_from_f16(v.bits); }
+inline float ld(float v) { return v; }
+inline double ld(double v) { return v; }
+inline float ld(BF16 v) { return float_from_bf16(v.bits); }
+inline float ld(F16 v) { return float_from_f16(v.bits); }
 
 template <typename S, typename T>
-BNKIT_INLINE S st(T v) {
+inline S st(T v) {
   if constexpr (std::is_same_v<S, BF16>) return BF16{bf16_from_float(v)};
   else if constexpr (std::is_same_v<S, F16>) return F16{f16_from_float(v)};
   else return static_cast<S>(v);
@@ -522,7 +518,6 @@ struct Ptrs {
 // T the compute type, S the storage type of the tensors (see ld/st).
 template <typename T, typename S, int M, int A, bool RES>
 struct Op {
-  using Compute = T;
   using Store = S;
   static constexpr bool kGated = M == kBwd && A != kNoAct;
   static constexpr bool kSecond = kGated && RES;  // writes the residual's gradient
@@ -1341,11 +1336,12 @@ void with_op(int64_t act, bool res, const F& f) {
 // stored as themselves, computed in float).
 template <typename F>
 void dispatch(at::ScalarType st, const char* fn, const F& f) {
+  auto run = [&](auto s) { f(compute_t<decltype(s)>(), s); };
   switch (st) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kBFloat16: f(float(), BF16{}); break;
-    case at::kHalf: f(float(), F16()); break;
+    case at::kFloat: run(float()); break;
+    case at::kDouble: run(double()); break;
+    case at::kBFloat16: run(BF16{}); break;
+    case at::kHalf: run(F16{}); break;
     default: TORCH_CHECK(false, fn, ": unsupported dtype ", st);
   }
 }
@@ -2034,6 +2030,7 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
   PyObject* nbt_obj = dict_item(buffers.ptr(), "num_batches_tracked");
   if (nbt_obj == nullptr || capturing_now()) return decline;
   const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
+  const at::ScalarType ct = compute_type(x);
   const bool is_training = training.ptr() == Py_True, tracks = track.ptr() == Py_True;
   const bool batch_stats = is_training || (!rm && !rv);
   const bool grad = at::GradMode::is_enabled() &&
@@ -2057,8 +2054,8 @@ py::object layer_forward(py::handle input, py::handle params, py::handle buffers
     const at::Tensor* n = nbt_obj == Py_None ? nullptr : tensor_arg(nbt_obj);
     if (n == nullptr || !plain(*n) || n->scalar_type() != at::kLong || n->numel() != 1 ||
         !writable(*n) || (rm.has_value() != rv.has_value()) ||
-        (rm && !(writable(*rm) && writable(*rv) && rm->scalar_type() == compute_type(x) &&
-                 rv->scalar_type() == compute_type(x))))
+        (rm && !(writable(*rm) && writable(*rv) && rm->scalar_type() == ct &&
+                 rv->scalar_type() == ct)))
       return decline;
     // the last check passed: count the batch, as count_batch does
     int64_t* count = n->data_ptr<int64_t>();

@@ -15,9 +15,9 @@ The kernels may read a tensor when every rule of :data:`RULES` holds for it (the
 checks its own preconditions again, so no slip here can become a memory error). They read
 and write float32, float64, bfloat16 and float16 in their own dtype (the two 16-bit ones
 computed in float32, as torch computes them, with float32 or same-dtype parameters).
-Where the only rule that fails is the layout (a strided view), the route carries a
-:class:`Stage`: the input is copied to a contiguous tensor (torch's output is contiguous
-for one too) and the kernels run on the copy. A training call also updates the running
+Where the only rule that fails is the layout (a strided view), the route says ``copy``:
+the input is copied to a contiguous tensor (torch's output is contiguous for one too)
+and the kernels run on the copy. A training call also updates the running
 buffers inside the kernel when :data:`BUFFER_RULES` hold for them (buffers of the
 kernel's compute dtype); otherwise the kernel normalizes and the update is torch's.
 
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from bnkit.nn import _kernels
 from bnkit.nn._kernels import FastPath
-from bnkit.nn._validate import LOW_PRECISION as LOW
+from bnkit.nn._stats import compute_dtype
 
 __all__ = [
     "BUFFER_RULES",
@@ -48,11 +48,9 @@ __all__ = [
     "RULES",
     "Path",
     "Route",
-    "Stage",
     "backward_sums",
     "builds_graph",
     "capturing",
-    "compute_dtype",
     "data",
     "dense",
     "eval",
@@ -61,7 +59,7 @@ __all__ = [
     "train",
 ]
 
-FAST_DTYPES = (torch.float32, torch.float64, *LOW)
+FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class Path(enum.Enum):
@@ -71,19 +69,11 @@ class Path(enum.Enum):
     TORCH = "torch"
 
 
-class Stage(NamedTuple):
-    """How the input is brought to the kernels: copied to a contiguous tensor (a strided
-    view; torch's output is contiguous for one too), an ordinary torch op, which autograd
-    differentiates."""
-
-    contiguous: bool
-
-
 class Route(NamedTuple):
     path: Path
     fast: FastPath | None  # the kernels, for KERNEL and NODE
     buffers: bool = False  # the kernel updates the running buffers itself
-    stage: Stage | None = None  # the input is copied contiguous for the kernels first
+    copy: bool = False  # the (strided) input is copied contiguous for the kernels first
 
 
 def capturing(x: Tensor) -> bool:
@@ -153,8 +143,8 @@ def dense(t: Tensor) -> bool:
 class Rule(NamedTuple):
     name: str
     holds: Callable[[Tensor], bool]
-    # where the rule fails, whether a conversion (a Stage) brings the input to the kernels
-    staged: Callable[[Tensor], bool] | None = None
+    # where the rule fails, whether a contiguous copy of the input meets it
+    copyable: bool = False
 
 
 # In this order: each rule may assume the ones before it hold. (Capture before layout: a
@@ -165,13 +155,8 @@ RULES: tuple[Rule, ...] = (
     Rule("not empty", lambda x: x.numel() > 0),
     Rule("plain data", _plain_data),
     Rule("nothing captured", lambda x: not capturing(x)),
-    Rule("contiguous or channels_last", _layout_ok, lambda x: True),
+    Rule("contiguous or channels_last", _layout_ok, copyable=True),
 )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels compute ``dtype`` input in (float32 for bfloat16/float16)."""
-    return torch.float32 if dtype in LOW else dtype
 
 
 def _buffer_ok(dtype: torch.dtype, b: Tensor) -> bool:
@@ -202,20 +187,17 @@ def data(x: Tensor) -> FastPath | None:
     return _kernels_now()
 
 
-def staged(x: Tensor) -> tuple[FastPath | None, Stage | None]:
-    """The kernels for ``x`` as it is (stage None), or after a :class:`Stage` where every
-    rule that fails can be met by one; (None, None) where they cannot take it."""
-    strided = False
+def staged(x: Tensor) -> tuple[FastPath | None, bool]:
+    """The kernels for ``x`` and whether they take it only as a contiguous copy (every
+    rule that fails is one a copy meets); (None, False) where they cannot take it."""
+    copy = False
     for rule in RULES:
         if rule.holds(x):
             continue
-        if rule.staged is None or not rule.staged(x):
-            return None, None
-        strided = True
-    fast = _kernels_now()
-    if fast is None or not strided:
-        return fast, None
-    return fast, Stage(contiguous=True)
+        if not rule.copyable:
+            return None, False
+        copy = True
+    return _kernels_now(), copy
 
 
 def _kernels_now() -> FastPath | None:
@@ -246,15 +228,15 @@ def train(
 ) -> Route:
     """The route of a training-mode call (batch statistics; the given running buffers
     are updated)."""
-    fast, stage = staged(x)
+    fast, copy = staged(x)
     if fast is None:
         return Route(Path.COMPILED if torch.compiler.is_compiling() else Path.TORCH, None)
-    dtype = compute_dtype(x.dtype)
+    dtype = compute_dtype(x)
     buffers = running_mean is not None and all(
         ok(dtype, running_mean, running_var) for _, ok in BUFFER_RULES
     )
     path = Path.NODE if builds_graph(x, weight, bias, residual) else Path.KERNEL
-    return Route(path, fast, buffers, stage)
+    return Route(path, fast, buffers, copy)
 
 
 def eval(
@@ -269,11 +251,11 @@ def eval(
     grad take torch's ops: the kernels do not differentiate in them."""
     if running_mean.requires_grad or running_var.requires_grad:
         return Route(Path.TORCH, None)
-    fast, stage = staged(x)
+    fast, copy = staged(x)
     if fast is None:
         return Route(Path.TORCH, None)
     path = Path.NODE if builds_graph(x, weight, bias, residual) else Path.KERNEL
-    return Route(path, fast, False, stage)
+    return Route(path, fast, False, copy)
 
 
 def backward_sums(x: Tensor, grad_out: Tensor) -> FastPath | None:

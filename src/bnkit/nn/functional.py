@@ -28,7 +28,6 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bnkit.nn import _activations, _router
 from bnkit.nn._backward import TrainNorm, train_backward
-from bnkit.nn._kernels import FastPath
 from bnkit.nn._router import Path
 from bnkit.nn._running import merge_stats, running_factor, update_running_stats
 from bnkit.nn._stats import (
@@ -118,18 +117,18 @@ def _train(
     route = _router.train(x, weight, bias, residual, rm, rv)
     fast = route.fast
     if fast is not None:
-        xk, wk, bk, rk = _staged(fast, route.stage, x, weight, bias, residual)
+        xk = x.contiguous() if route.copy else x
         in_kernel = None
         if route.buffers and rm is not None and rv is not None and not isinstance(factor, Tensor):
             in_kernel = (rm, rv, float(factor))
         if route.path is Path.KERNEL:
             # (a Function's apply would add a few microseconds: most of a small layer's call)
             y, mean, var, _ = fast.forward_train(
-                xk, wk, bk, eps=eps, running=in_kernel, residual=rk, act=act
+                xk, weight, bias, eps=eps, running=in_kernel, residual=residual, act=act
             )
         else:
             y, mean, var = fast.train_node(
-                xk, wk, bk, eps=eps, running=in_kernel, residual=rk, act=act
+                xk, weight, bias, eps=eps, running=in_kernel, residual=residual, act=act
             )
         if in_kernel is None and (rm is not None or rv is not None):
             _update(x, rm, rv, mean, var, factor)
@@ -150,23 +149,6 @@ def _train(
     if rm is not None or rv is not None:
         _update(x, rm, rv, mean, var, factor)
     return finish_activation(y, residual, act), mean, var
-
-
-def _staged(
-    fast: FastPath,
-    stage: _router.Stage | None,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The call's tensors as the kernels take them (see :class:`bnkit.nn._router.Stage`):
-    a strided input copied contiguous, differentiably (autograd carries the gradient
-    back); the parameters and the residual as they are (the kernels read any layout and
-    float32 parameters for 16-bit input)."""
-    if stage is None or not stage.contiguous:
-        return x, weight, bias, residual
-    return x.contiguous(), weight, bias, residual
 
 
 def _update(
@@ -226,11 +208,12 @@ def normalize_eval(
     route = _router.eval(x, weight, bias, residual, running_mean, running_var)
     fast = route.fast
     if fast is not None:
-        xk, wk, bk, rk = _staged(fast, route.stage, x, weight, bias, residual)
+        xk = x.contiguous() if route.copy else x  # (autograd carries the gradient back)
         rm, rv = running_mean, running_var
         if route.path is Path.KERNEL:  # one pass, the activation and residual included
-            return fast.forward_eval(xk, rm, rv, wk, bk, eps=eps, residual=rk, act=act)
-        return finish_activation(fast.eval_node(xk, wk, bk, rm, rv, eps=eps), residual, act)
+            return fast.forward_eval(xk, rm, rv, weight, bias, eps=eps, residual=residual, act=act)
+        y = fast.eval_node(xk, weight, bias, rm, rv, eps=eps)
+        return finish_activation(y, residual, act)
     y = eval_forward(x, running_mean, running_var, weight, bias, eps)
     return finish_activation(y, residual, act)
 
