@@ -244,6 +244,43 @@ inline int64_t stream_copy(S* dst, const S* src, int64_t n, bool all) {
   return n;
 }
 
+// float16 in the loops: converting value by value in integer arithmetic (ld/st above) costs
+// ~30 vector operations per eight values, and made float16 2-6x torch's time where
+// bfloat16 (a shift) ran at torch's. So the loops convert float16 in L1 blocks of kBlk
+// values instead (vcvtph2ps/vcvtps2ph, eight values an instruction, where the build has
+// F16C; ld/st elsewhere), and run their float code on the blocks.
+constexpr int64_t kBlk = 512;  // a multiple of LaneSums' chunk (kLaneChunk * 32 floats)
+
+inline void widen_f16(const F16* s, float* d, int64_t n) {
+  int64_t i = 0;
+#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                reinterpret_cast<const __m128i*>(s + i))));
+#endif
+  for (; i < n; ++i) d[i] = ld(s[i]);
+}
+
+inline void narrow_f16(const float* s, F16* d, int64_t n) {
+  int64_t i = 0;
+#if defined(BNKIT_X86) && defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) d[i] = st<F16>(s[i]);
+}
+
+// The float copy of up to kBlk values of a float16 operand (none: null).
+struct F16Block {
+  alignas(64) float v[kBlk];
+  const float* from(const F16* s, int64_t n) {
+    if (s == nullptr) return nullptr;
+    widen_f16(s, v, n);
+    return v;
+  }
+};
+
 // Writes a contiguous output region front to back. put(n) hands out room for the next n
 // values (n <= kRun): directly in the output when not streaming, else in an L1 buffer
 // that is written out with aligned non-temporal stores (only the region's first and last
@@ -519,6 +556,7 @@ struct Ptrs {
 template <typename T, typename S, int M, int A, bool RES>
 struct Op {
   using Store = S;
+  using Wide = Op<T, T, M, A, RES>;  // the same op over values already converted to T
   static constexpr bool kGated = M == kBwd && A != kNoAct;
   static constexpr bool kSecond = kGated && RES;  // writes the residual's gradient
   static constexpr bool kReadsGo = M == kBwd;
@@ -690,6 +728,13 @@ void row_sums_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KAr
     T* b1 = store.data();
     while (reinterpret_cast<std::uintptr_t>(b1) % 64 != 0) ++b1;
     T* b2 = b1 + Cp;
+    // float16: the float copies of four rows' kBlk-channel pieces (see over_channels)
+    std::vector<float> fx, fg, fr;
+    if constexpr (std::is_same_v<St, F16>) {
+      fx.resize(4 * kBlk);
+      if (O::kReadsGo) fg.resize(4 * kBlk);
+      if (O::kReadsR) fr.resize(4 * kBlk);
+    }
     auto flush = [C, Cp](double* p1, double* p2, T* b1, T* b2) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
@@ -697,6 +742,59 @@ void row_sums_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KAr
         p2[c] += static_cast<double>(b2[c]);
       }
       std::fill(b1, b1 + 2 * Cp, T(0));
+    };
+    // channels [c0, c0 + n) of one row (x, go, r at channel c0) into the accumulators
+    auto row1 = [&](const auto* x, const auto* go, const auto* r, int64_t, int64_t c0,
+                    int64_t n) {
+      T* a1 = static_cast<T*>(__builtin_assume_aligned(b1 + c0, 64));  // (c0: 0 or kBlk's)
+      T* a2 = static_cast<T*>(__builtin_assume_aligned(b2 + c0, 64));
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t cc = c0 + c;
+        const K<T> kc{ps[cc], T(0), T(0), T(0), pfs[cc], pfa[cc], pfk[cc]};
+        T u, v;
+        O::sum(ld(x[c]), ld(go[c]), ld(r[c]), kc, u, v);
+        a1[c] += u;
+        a2[c] += v;
+      }
+    };
+    // ... of four rows d values apart
+    auto rows4 = [&](const auto* x, const auto* go, const auto* r, int64_t d, int64_t c0,
+                     int64_t n) {
+      T* a1 = static_cast<T*>(__builtin_assume_aligned(b1 + c0, 64));  // (c0: 0 or kBlk's)
+      T* a2 = static_cast<T*>(__builtin_assume_aligned(b2 + c0, 64));
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t cc = c0 + c;
+        const K<T> kc{ps[cc], T(0), T(0), T(0), pfs[cc], pfa[cc], pfk[cc]};
+        T u0, v0, u1, v1, u2, v2, u3, v3;
+        O::sum(ld(x[c]), ld(go[c]), ld(r[c]), kc, u0, v0);
+        O::sum(ld(x[c + d]), ld(go[c + d]), ld(r[c + d]), kc, u1, v1);
+        O::sum(ld(x[c + 2 * d]), ld(go[c + 2 * d]), ld(r[c + 2 * d]), kc, u2, v2);
+        O::sum(ld(x[c + 3 * d]), ld(go[c + 3 * d]), ld(r[c + 3 * d]), kc, u3, v3);
+        a1[c] += (u0 + u1) + (u2 + u3);
+        a2[c] += (v0 + v1) + (v2 + v3);
+      }
+    };
+    // every channel of the rows at value i0 (four rows d apart, or one): float16 in float
+    // blocks (see kBlk), each of the rows' kBlk-channel pieces widened into its buffer
+    auto over_channels = [&](int64_t i0, int64_t d, const auto& body) {
+      const int rows = d > 0 ? 4 : 1;
+      if constexpr (std::is_same_v<St, F16>) {
+        for (int64_t c0 = 0; c0 < C; c0 += kBlk) {
+          const int64_t n = std::min(kBlk, C - c0);
+          for (int j = 0; j < rows; ++j) {
+            widen_f16(p.x + i0 + j * d + c0, fx.data() + j * kBlk, n);
+            if (O::kReadsGo) widen_f16(p.go + i0 + j * d + c0, fg.data() + j * kBlk, n);
+            if (O::kReadsR) widen_f16(p.r + i0 + j * d + c0, fr.data() + j * kBlk, n);
+          }
+          const float* x = fx.data();
+          body(x, O::kReadsGo ? fg.data() : x, O::kReadsR ? fr.data() : x, kBlk, c0, n);
+        }
+      } else {
+        const St* x = p.x + i0;
+        body(x, O::kReadsGo ? p.go + i0 : x, O::kReadsR ? p.r + i0 : x, d, 0, C);
+      }
     };
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
@@ -714,34 +812,10 @@ void row_sums_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KAr
         for (int64_t k = 0; k < q; ++k) {
           if (k > 0 && k % (kChunk / 4) == 0) flush(p1, p2, b1, b2);
           const int64_t i0 = (rb + k) * C, d = q * C;  // value (row, channel 0) of stream 0
-          const St* x = p.x + i0;
-          const St* go = O::kReadsGo ? p.go + i0 : x;
-          const St* r = O::kReadsR ? p.r + i0 : x;
-#pragma omp simd aligned(b1, b2 : 64)
-          for (int64_t c = 0; c < C; ++c) {
-            const K<T> kc{ps[c], T(0), T(0), T(0), pfs[c], pfa[c], pfk[c]};
-            T u0, v0, u1, v1, u2, v2, u3, v3;
-            O::sum(ld(x[c]), ld(go[c]), ld(r[c]), kc, u0, v0);
-            O::sum(ld(x[c + d]), ld(go[c + d]), ld(r[c + d]), kc, u1, v1);
-            O::sum(ld(x[c + 2 * d]), ld(go[c + 2 * d]), ld(r[c + 2 * d]), kc, u2, v2);
-            O::sum(ld(x[c + 3 * d]), ld(go[c + 3 * d]), ld(r[c + 3 * d]), kc, u3, v3);
-            b1[c] += (u0 + u1) + (u2 + u3);
-            b2[c] += (v0 + v1) + (v2 + v3);
-          }
+          over_channels(i0, d, rows4);
         }
-        for (int64_t row = rb + 4 * q; row < rb + m; ++row) {  // at most three rows left over
-          const St* x = p.x + row * C;
-          const St* go = O::kReadsGo ? p.go + row * C : x;
-          const St* r = O::kReadsR ? p.r + row * C : x;
-#pragma omp simd aligned(b1, b2 : 64)
-          for (int64_t c = 0; c < C; ++c) {
-            const K<T> kc{ps[c], T(0), T(0), T(0), pfs[c], pfa[c], pfk[c]};
-            T u, v;
-            O::sum(ld(x[c]), ld(go[c]), ld(r[c]), kc, u, v);
-            b1[c] += u;
-            b2[c] += v;
-          }
-        }
+        for (int64_t row = rb + 4 * q; row < rb + m; ++row)  // at most three rows left over
+          over_channels(row * C, 0, row1);
         flush(p1, p2, b1, b2);
       }
     }
@@ -793,6 +867,20 @@ void row_sums(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<
 // whole run (NCHW) ...
 template <typename T, typename O, typename S = typename O::Store>
 inline void out_span(S* y, S* y2, const Ptrs<S>& p, int64_t off, int64_t n, const K<T>& k) {
+  if constexpr (std::is_same_v<S, F16>) {  // in float blocks (see kBlk)
+    F16Block bx, bg, br, by, by2;
+    for (int64_t j = 0; j < n; j += kBlk) {
+      const int64_t m = std::min(kBlk, n - j);
+      Ptrs<float> q;
+      q.x = bx.from(p.x + off + j, m);
+      q.go = O::kReadsGo ? bg.from(p.go + off + j, m) : nullptr;
+      q.r = O::kReadsR ? br.from(p.r + off + j, m) : nullptr;
+      out_span<T, typename O::Wide>(by.v, by2.v, q, 0, m, k);
+      narrow_f16(by.v, y + j, m);
+      if constexpr (O::kSecond) narrow_f16(by2.v, y2 + j, m);
+    }
+    return;
+  }
   const S* x = p.x + off;
   const S* go = O::kReadsGo ? p.go + off : x;
   const S* r = O::kReadsR ? p.r + off : x;
@@ -816,29 +904,51 @@ void out_run(Writer<S>& w, Writer<S>* w2, const Ptrs<S>& p, int64_t off, int64_t
   }
 }
 
-// ... or with per-value scalars, value c being channel c (a channels-fastest row).
+// ... or with per-value scalars, value i being channel c0 + i (part of a channels-fastest
+// row) ...
+template <typename T, typename O, typename S = typename O::Store>
+inline void row_span(S* yp, S* y2, const Ptrs<S>& p, int64_t off, int64_t c0, int64_t m,
+                     const KArrays<T>& ka) {
+  if constexpr (std::is_same_v<S, F16>) {  // in float blocks (see kBlk)
+    F16Block bx, bg, br, by, by2;
+    for (int64_t j = 0; j < m; j += kBlk) {
+      const int64_t n = std::min(kBlk, m - j);
+      Ptrs<float> q;
+      q.x = bx.from(p.x + off + j, n);
+      q.go = O::kReadsGo ? bg.from(p.go + off + j, n) : nullptr;
+      q.r = O::kReadsR ? br.from(p.r + off + j, n) : nullptr;
+      row_span<T, typename O::Wide>(by.v, by2.v, q, 0, c0 + j, n, ka);
+      narrow_f16(by.v, yp + j, n);
+      if constexpr (O::kSecond) narrow_f16(by2.v, y2 + j, n);
+    }
+    return;
+  }
+  const T *s = ka.s(), *kx = ka.kx(), *ko = ka.ko(), *k0 = ka.k0();
+  const T *fs = ka.fs(), *fa = ka.fa(), *fk = ka.fk();
+  const S* x = p.x + off;
+  const S* go = O::kReadsGo ? p.go + off : nullptr;
+  const S* r = O::kReadsR ? p.r + off : nullptr;
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t c = c0 + i;
+    const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
+    T second = T(0);
+    yp[i] = st<S>(O::out(ld(x[i]), O::kReadsGo ? ld(go[i]) : T(0),
+                         O::kReadsR ? ld(r[i]) : T(0), k, second));
+    if constexpr (O::kSecond) y2[i] = st<S>(second);
+  }
+}
+
+// ... a whole row, appended to Writers.
 template <typename T, typename O, typename S = typename O::Store>
 void out_row(Writer<S>& w, Writer<S>* w2, const Ptrs<S>& p, int64_t off, int64_t C,
              const KArrays<T>& ka) {
-  const T *s = ka.s(), *kx = ka.kx(), *ko = ka.ko(), *k0 = ka.k0();
-  const T *fs = ka.fs(), *fa = ka.fa(), *fk = ka.fk();
   const int64_t step = w.streams() ? Writer<S>::kRun : std::max<int64_t>(C, 1);
   for (int64_t c0 = 0; c0 < C; c0 += step) {
     const int64_t m = std::min(step, C - c0);
     S* yp = w.put(m);
     S* y2 = O::kSecond ? w2->put(m) : nullptr;
-    const S* x = p.x + off + c0;
-    const S* go = O::kReadsGo ? p.go + off + c0 : nullptr;
-    const S* r = O::kReadsR ? p.r + off + c0 : nullptr;
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t c = c0 + i;
-      const K<T> k{s[c], kx[c], ko[c], k0[c], fs[c], fa[c], fk[c]};
-      T second = T(0);
-      yp[i] = st<S>(O::out(ld(x[i]), O::kReadsGo ? ld(go[i]) : T(0),
-                           O::kReadsR ? ld(r[i]) : T(0), k, second));
-      if constexpr (O::kSecond) y2[i] = st<S>(second);
-    }
+    row_span<T, O>(yp, y2, p, off + c0, c0, m, ka);
   }
 }
 
@@ -943,7 +1053,9 @@ void map_rows(const Ptrs<typename O::Store>& p, const Layout& lo, const KArrays<
   // 4 KiB: then the four rows of x and y fall in the same L1 sets and evict each other
   // (C = 1024: 1.2-1.5x the time)
   using S = typename O::Store;
-  const bool rows4 = !stream && (C * static_cast<int64_t>(sizeof(S))) % 4096 != 0;
+  // (float16 converts in blocks row by row: no rows4)
+  const bool rows4 = !stream && !std::is_same_v<S, F16> &&
+                     (C * static_cast<int64_t>(sizeof(S))) % 4096 != 0;
   // Same row split as row_sums. After a statistics pass (reverse = true) the blocks of
   // rows (kBackBlock) are taken last to first, so that the rows a thread read last are
   // still in cache; each block is written front to back.
@@ -1060,6 +1172,15 @@ struct LaneSums {
   // goes to the member lanes, which carry a chunk over from run to run.
   template <typename O, typename S = typename O::Store>
   inline void add(const S* xp, const S* gp, const S* rp, int64_t n, const K<T>& k) {
+    if constexpr (std::is_same_v<S, F16>) {  // in float blocks (see kBlk)
+      F16Block bx, bg, br;
+      for (int64_t j = 0; j < n; j += kBlk) {
+        const int64_t m = std::min(kBlk, n - j);
+        add<typename O::Wide>(bx.from(xp + j, m), O::kReadsGo ? bg.from(gp + j, m) : nullptr,
+                              O::kReadsR ? br.from(rp + j, m) : nullptr, m, k);
+      }
+      return;
+    }
     constexpr int64_t kStep = kLaneChunk * kLanes;
     int64_t l = 0;
     if (n >= kStep) {
