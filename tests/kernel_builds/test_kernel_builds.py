@@ -28,6 +28,7 @@ TESTS = [
     "tests/nn/test_kernels.py",
     "tests/nn/test_fused.py",
     "tests/nn/test_layer_call.py",
+    "tests/nn/test_staged.py",  # the 16-bit loads, stores and blocks (portable: no F16C)
 ]
 
 

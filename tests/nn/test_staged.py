@@ -5,6 +5,7 @@ torch's results, as accurately, forward and backward, with the running statistic
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -129,9 +130,13 @@ def test_16_bit_eval_is_the_float32_kernel_rounded_once(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(5, C, 7, 7), (3, C, 160, 160), (300, C), (4, C, 1, 1)])
+@pytest.mark.parametrize(
+    "shape",
+    # rows of more than one float16 block (512 values: 1030 channels, channels_last too)
+    [(5, C, 7, 7), (3, C, 160, 160), (300, C), (4, C, 1, 1), (41, 1030), (3, 1030, 2, 3, "cl")],
+)
 def test_16_bit_training_is_the_float32_kernel_rounded_once(
-    backend: str, dtype: torch.dtype, shape: tuple[int, ...]
+    backend: str, dtype: torch.dtype, shape: tuple[Any, ...]
 ) -> None:
     """Training forward and backward on 16-bit tensors: the statistics are the float32
     kernel's on the widened input (float64 sums of the same float32 terms) and the outputs
@@ -141,9 +146,13 @@ def test_16_bit_training_is_the_float32_kernel_rounded_once(
         pytest.skip("the kernels")
     fast = _router.data(torch.ones(2, 2))
     assert fast is not None
-    _, _, w, b = _per_channel(7)
+    channels_last = shape[-1] == "cl"
+    shape = tuple(shape[:-1]) if channels_last else shape
     g = torch.Generator().manual_seed(8)
+    w, b = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
     x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     go = torch.randn(shape, generator=g).to(dtype)
     y, mean, var, _ = fast.forward_train(x, w, b, eps=1e-5)
     y32, mean32, var32, _ = fast.forward_train(x.float(), w, b, eps=1e-5)
@@ -164,6 +173,9 @@ def test_16_bit_training_is_the_float32_kernel_rounded_once(
     torch.testing.assert_close(gx.float(), gx32.to(dtype).float(), rtol=ulp, atol=ulp)
     torch.testing.assert_close(gw, gw32, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb, gb32, rtol=1e-5, atol=1e-5)
+    rm, rv = mean.float(), var.float()  # eval: bit for bit
+    ye = fast.forward_eval(x, rm, rv, w, b, eps=1e-5)
+    assert torch.equal(ye, fast.forward_eval(x.float(), rm, rv, w, b, eps=1e-5).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
